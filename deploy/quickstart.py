@@ -1,0 +1,90 @@
+"""The main job on the embedded default: the bundled LRFormer-T segments procedural street scenes.
+
+    python deploy/quickstart.py [--images 20] [--output outputs/quickstart]
+
+It checks the reference implementation against the official golden outputs (when
+../shared/reference is present), runs the bundled model through the same preprocess -> runner ->
+postprocess path every backend uses, reports mIoU on validation scenes never seen in training,
+and writes overlays and a JSON report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lrformer_edge.data.postprocess import colorize
+from lrformer_edge.evaluation import evaluate_pipeline, procedural_validation_samples
+from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.models.factory import create_model
+from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden
+from lrformer_edge.registry import BUNDLED_MODEL
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20, help="validation scenes to segment")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--output", default="outputs/quickstart")
+    parser.add_argument("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
+                        help="official golden outputs (skipped when absent)")
+    args = parser.parse_args(argv)
+    if args.images <= 0:
+        parser.error("--images must be positive")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    report = {}
+
+    reference = Path(args.reference_dir)
+    if (reference / "lrformer-t.golden.npz").is_file():
+        golden = check_against_golden(reference)
+        report["faithfulness"] = golden
+        for case in golden["cases"]:
+            print(f"faithful to the official LRFormer-T on {case['shape']}: max error "
+                  f"{case['max_abs_error']:.2e} <= {case['tolerance']:.2e}, argmax agreement "
+                  f"{100 * case['argmax_agreement']:.3f}% -> {'PASS' if case['passed'] else 'FAIL'}")
+    else:
+        print(f"(official golden outputs not found in {reference}; faithfulness check skipped)")
+
+    model = create_model(BUNDLED_MODEL)
+    print(f"bundled model {BUNDLED_MODEL}: checkpoint sha256 {model.checkpoint_sha256[:16]}...")
+    start = time.time()
+
+    def save(sample, prediction):
+        if int(sample.name[-4:]) % 5 == 0 or args.images <= 5:
+            palette = model.config.data.palette
+            panel = np.concatenate([sample.image, colorize(sample.label, palette),
+                                    colorize(prediction.labels, palette)], axis=1)
+            atomic_write(output / f"{sample.name}.jpg", lambda tmp: Path(tmp).write_bytes(
+                cv2.imencode(".jpg", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))[1].tobytes()))
+
+    with SegmentationPipeline.from_model(model) as pipeline:
+        metrics = evaluate_pipeline(
+            pipeline, procedural_validation_samples(args.images, tuple(args.size)), save)
+    latency = statistics.median(metrics.pop("inference_seconds"))
+    names = model.config.data.class_names
+    print(f"\nmIoU on {metrics['images']} unseen procedural scenes ({args.size[0]}x{args.size[1]}): "
+          f"{100 * metrics['mIoU']:.2f}%  (pixel accuracy {100 * metrics['aAcc']:.2f}%)")
+    for name, iou in zip(names, metrics["IoU"]):
+        print(f"  {name:<12} IoU {'  n/a' if iou != iou else f'{100 * iou:5.1f}'}")
+    print(f"PyTorch FP32 median latency {1000 * latency:.0f} ms/image; total {time.time() - start:.0f} s")
+    report["bundled_model"] = {"variant": BUNDLED_MODEL, "mIoU": metrics["mIoU"],
+                               "aAcc": metrics["aAcc"],
+                               "IoU": dict(zip(names, metrics["IoU"])),
+                               "images": metrics["images"], "median_latency_s": latency}
+    atomic_write(output / "report.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    print(f"report and sample panels (image | truth | prediction) in {output}/")
+    failed = "faithfulness" in report and not report["faithfulness"]["passed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Reading checkpoints (official mmseg releases, our own, plain state dicts, safetensors).
+
+A checkpoint is untrusted input: pickles are read with ``weights_only=True`` so no arbitrary
+object can be constructed, and every mismatch is reported in one readable error.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+_SHOW = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, unwrapped from any known container, keys normalised."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    else:
+        raw = _read_pickle(path)
+    return normalise_state_dict(raw, source=str(path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types here; all mean "not loadable"
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {message}. Only tensors, numbers, strings and "
+            f"containers of them are accepted (torch.load(weights_only=True)); a checkpoint "
+            f"holding arbitrary Python objects must be converted by whoever trusts it."
+        ) from None
+
+
+def normalise_state_dict(raw: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Unwrap ``{'state_dict': ...}`` / ``{'model': ...}`` and strip ``module.`` prefixes."""
+    if isinstance(raw, Mapping):
+        for container in ("state_dict", "model", "model_state_dict"):
+            if container in raw and isinstance(raw[container], Mapping):
+                raw = raw[container]
+                break
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointError(f"{source} holds no state dict (got {type(raw).__name__})")
+    tensors = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while key.startswith("module."):
+            key = key[len("module."):]
+        tensors[key] = value
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors")
+    return tensors
+
+
+def num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    weight = state_dict.get("decode_head.conv_seg.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def check_compatible(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint") -> None:
+    """Raise one error listing missing keys, unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not match the model ({type(model).__name__}):"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+            lines.append(f"  {len(items)} {title}: {', '.join(items[:_SHOW])}{more}")
+    if unexpected and all(k.startswith(("backbone.", "decode_head.")) for k in unexpected[:_SHOW]):
+        lines.append("  hint: is the variant right? (lrformer_edge.list_models())")
+    elif unexpected and not any(k.startswith(("backbone.", "decode_head.")) for k in state_dict):
+        lines.append("  hint: keys should start with 'backbone.' or 'decode_head.' "
+                     "(mmseg EncoderDecoder layout)")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+              strict: bool = True, source: str = "checkpoint") -> None:
+    if strict:
+        check_compatible(model, state_dict, source)
+    expected = model.state_dict()
+    usable = {k: v for k, v in state_dict.items()
+              if k in expected and v.shape == expected[k].shape}
+    # Half-precision checkpoints (like the bundled model) are widened to the model's dtype.
+    usable = {k: v.to(expected[k].dtype) for k, v in usable.items()}
+    model.load_state_dict(usable, strict=strict)
+
+
+def save_mmseg_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                          meta: Mapping | None = None, **extra) -> Path:
+    """Write ``{'meta': ..., 'state_dict': ...}`` (official layout) atomically."""
+    payload = {"meta": dict(meta or {}), "state_dict": dict(state_dict), **extra}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)``, then rename into place: never a half-written artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

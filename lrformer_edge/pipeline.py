@@ -1,0 +1,81 @@
+"""SegmentationPipeline: image -> preprocess -> runner -> postprocess -> label map.
+
+The same path serves the PyTorch ground truth and every exported artifact, so accuracy
+differences between backends come from the backend alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrformer_edge.data.postprocess import logits_to_labels, overlay
+from lrformer_edge.data.preprocess import preprocess
+from lrformer_edge.registry import DataConfig
+from lrformer_edge.runners.base import Runner
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # HxW class ids at the caller's image size
+    logits: np.ndarray  # (1, C, h, w) at network input size
+    input_size: tuple[int, int]
+    inference_seconds: float
+
+
+class SegmentationPipeline:
+    """``pipeline(image) -> HxW labels`` for an HxWx3 uint8 RGB image.
+
+    ``input_size=None`` uses the official test transform (keep ratio, align to 32); a fixed
+    ``input_size`` (for fixed-resolution artifacts) resizes every image to it.
+    """
+
+    def __init__(self, runner: Runner, data: DataConfig,
+                 input_size: tuple[int, int] | None = None):
+        self.runner = runner
+        self.data = data
+        self.input_size = tuple(input_size) if input_size else _fixed_size(runner)
+
+    @classmethod
+    def from_model(cls, model, input_size=None, device=None) -> "SegmentationPipeline":
+        from lrformer_edge.runners.torch import TorchRunner
+
+        return cls(TorchRunner(model, input_size=input_size, device=device), model.config.data,
+                   input_size)
+
+    def __enter__(self) -> "SegmentationPipeline":
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.deactivate()
+
+    def predict(self, image) -> Prediction:
+        prepared = preprocess(image, self.data.mean, self.data.std, self.data.test_scale,
+                              self.data.size_divisor, self.input_size)
+        activated_here = not self.runner.active
+        if activated_here:
+            self.runner.activate()
+        try:
+            outputs = self.runner.infer({self.runner.input_specs[0].name: prepared.batch})
+        finally:
+            if activated_here:
+                self.runner.deactivate()
+        logits = outputs[self.runner.output_names[0]]
+        labels = logits_to_labels(logits, prepared.original_size)
+        return Prediction(labels, logits, prepared.input_size, self.runner.last_inference_time)
+
+    def __call__(self, image) -> np.ndarray:
+        return self.predict(image).labels
+
+    def overlay(self, image, labels: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+        from lrformer_edge.data.preprocess import as_rgb_uint8
+
+        return overlay(as_rgb_uint8(image), labels, self.data.palette, opacity)
+
+
+def _fixed_size(runner: Runner) -> tuple[int, int] | None:
+    shape = runner.input_specs[0].shape
+    if len(shape) == 4 and shape[2] is not None and shape[3] is not None:
+        return int(shape[2]), int(shape[3])
+    return None

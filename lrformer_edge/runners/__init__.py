@@ -1,0 +1,43 @@
+"""Runners: one interface (``with runner: runner.infer(feed)``) over every backend.
+
+``load_runner(path)`` picks the backend from the artifact: a PyTorch checkpoint (``.pth``,
+``.pt``, ``.safetensors``) or an ONNX model (``.onnx``). SDKs are imported only when used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrformer_edge.runners.base import (
+    MissingDependencyError,
+    Runner,
+    RunnerInputError,
+    RunnerStateError,
+    TensorSpec,
+)
+
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+
+
+def load_runner(path: str | Path, variant: str | None = None, **options) -> Runner:
+    """The runner for an artifact, chosen from its type and metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"artifact {path} does not exist")
+    if path.suffix in TORCH_SUFFIXES:
+        from lrformer_edge.models.factory import create_model
+        from lrformer_edge.runners.torch import TorchRunner
+
+        if variant is None:
+            raise ValueError(f"{path} is a PyTorch checkpoint: name its variant "
+                             f"(load_runner(path, variant='lrformer-t'))")
+        return TorchRunner(create_model(variant, checkpoint=path), **options)
+    if path.suffix == ".onnx":
+        from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(path, **options)
+    raise ValueError(f"cannot tell which backend runs {path}: expected one of "
+                     f"{', '.join(TORCH_SUFFIXES + ('.onnx',))}")
+
+
+__all__ = ["MissingDependencyError", "Runner", "RunnerInputError", "RunnerStateError",
+           "TensorSpec", "load_runner"]

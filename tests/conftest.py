@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lrformer_edge.reference import DEFAULT_REFERENCE_DIR
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not (DEFAULT_REFERENCE_DIR / "lrformer-t.golden.npz").is_file():
+        pytest.skip(f"official reference data not found at {DEFAULT_REFERENCE_DIR} "
+                    f"(a checkout keeps shared/ beside the repository)")
+    return DEFAULT_REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import lrformer_edge
+
+    torch.manual_seed(0)
+    return lrformer_edge.create_model("lrformer-test")
+
+
+@pytest.fixture
+def rgb_image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)

@@ -1,0 +1,114 @@
+"""Loading official/our checkpoints in every container format, and rejecting bad ones."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lrformer_edge
+from lrformer_edge.models.checkpoint import CheckpointError, save_mmseg_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained_state():
+    torch.manual_seed(1)
+    model = lrformer_edge.create_model("lrformer-test")
+    for param in model.parameters():
+        param.data.normal_()
+    return model.state_dict()
+
+
+def _assert_same(model, state):
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+@pytest.mark.parametrize("container", ["mmseg", "plain", "model", "module", "safetensors"])
+def test_every_container_loads_strictly(tmp_path, trained_state, container):
+    path = tmp_path / ("ckpt.safetensors" if container == "safetensors" else "ckpt.pth")
+    if container == "mmseg":
+        save_mmseg_checkpoint(trained_state, path, meta={"iter": 3})
+    elif container == "plain":
+        torch.save(trained_state, path)
+    elif container == "model":
+        torch.save({"model": trained_state, "epoch": 1}, path)
+    elif container == "module":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in trained_state.items()}}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in trained_state.items()}, str(path))
+    model = lrformer_edge.create_model("lrformer-test", checkpoint=path)
+    _assert_same(model, trained_state)
+    assert len(model.checkpoint_sha256) == 64
+
+
+def test_num_classes_comes_from_the_checkpoint(tmp_path):
+    source = lrformer_edge.create_model("lrformer-t.cityscapes")
+    path = tmp_path / "city.pth"
+    save_mmseg_checkpoint(source.state_dict(), path)
+    model = lrformer_edge.create_model("lrformer-t", checkpoint=path)
+    assert model.num_classes == 19
+    assert model.config.name == "lrformer-t.cityscapes"  # its class names, not placeholders
+    with pytest.raises(CheckpointError, match="19-class head but num_classes=150"):
+        lrformer_edge.create_model("lrformer-t", checkpoint=path, num_classes=150)
+
+
+def test_custom_class_count_gets_placeholder_names(tmp_path, trained_state):
+    state = dict(trained_state)
+    state["decode_head.conv_seg.weight"] = torch.zeros(7, 32, 1, 1)
+    state["decode_head.conv_seg.bias"] = torch.zeros(7)
+    torch.save(state, tmp_path / "seven.pth")
+    model = lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "seven.pth")
+    assert model.num_classes == 7
+    assert model.config.data.class_names[6] == "class_6"
+
+
+def test_mismatch_error_lists_missing_unexpected_and_shapes(tmp_path, trained_state):
+    state = dict(trained_state)
+    del state["backbone.block1.0.cpe.weight"]
+    state["backbone.extra.weight"] = torch.zeros(1)
+    state["backbone.block1.0.attn.proj.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as error:
+        lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "bad.pth")
+    message = str(error.value)
+    assert "1 missing keys: backbone.block1.0.cpe.weight" in message
+    assert "1 unexpected keys: backbone.extra.weight" in message
+    assert "backbone.block1.0.attn.proj.bias: checkpoint (5,) vs model (16,)" in message
+
+
+def test_wrong_variant_is_reported_not_crashed(tmp_path):
+    save_mmseg_checkpoint(lrformer_edge.create_model("lrformer-test").state_dict(),
+                          tmp_path / "test.pth")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        lrformer_edge.create_model("lrformer-t", checkpoint=tmp_path / "test.pth",
+                                   num_classes=150)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": {"x": _Evil()}}, handle)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        lrformer_edge.create_model("lrformer-test", checkpoint=path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, suffix", [(b"", ".pth"), (b"garbage" * 10, ".pth"),
+                                             (b"garbage" * 10, ".safetensors")])
+def test_corrupt_files_give_a_clear_error(tmp_path, content, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        lrformer_edge.create_model("lrformer-test", checkpoint=path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "nope.pth")
