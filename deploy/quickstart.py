@@ -1,11 +1,15 @@
-"""The main job on the embedded default: the bundled LRFormer-T segments procedural street scenes.
+"""The main job on the embedded default: check, segment, export, validate.
 
-    python deploy/quickstart.py [--images 20] [--output outputs/quickstart]
+    python deploy/quickstart.py [--images 20] [--output outputs/quickstart] [--no-export]
 
-It checks the reference implementation against the official golden outputs (when
-../shared/reference is present), runs the bundled model through the same preprocess -> runner ->
-postprocess path every backend uses, reports mIoU on validation scenes never seen in training,
-and writes overlays and a JSON report.
+1. checks the reference implementation against the official golden outputs (when
+   ../shared/reference is present);
+2. runs the bundled LRFormer-T (PyTorch FP32, the ground truth) through the same
+   preprocess -> runner -> postprocess path every backend uses, on procedural validation scenes
+   never seen in training, and reports mIoU;
+3. exports it to ONNX at 512x512 (exact static pooling, parity-checked) and runs the same scenes
+   through ONNX Runtime, reporting its mIoU and its agreement with the ground truth;
+4. writes sample panels (image | truth | prediction) and a JSON report.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=20, help="validation scenes to segment")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
     parser.add_argument("--output", default="outputs/quickstart")
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export/validation")
     parser.add_argument("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
                         help="official golden outputs (skipped when absent)")
     args = parser.parse_args(argv)
@@ -65,9 +70,15 @@ def main(argv=None) -> int:
             atomic_write(output / f"{sample.name}.jpg", lambda tmp: Path(tmp).write_bytes(
                 cv2.imencode(".jpg", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))[1].tobytes()))
 
+    torch_labels = {}
+
+    def keep(sample, prediction):
+        torch_labels[sample.name] = prediction.labels
+        save(sample, prediction)
+
     with SegmentationPipeline.from_model(model) as pipeline:
         metrics = evaluate_pipeline(
-            pipeline, procedural_validation_samples(args.images, tuple(args.size)), save)
+            pipeline, procedural_validation_samples(args.images, tuple(args.size)), keep)
     latency = statistics.median(metrics.pop("inference_seconds"))
     names = model.config.data.class_names
     print(f"\nmIoU on {metrics['images']} unseen procedural scenes ({args.size[0]}x{args.size[1]}): "
@@ -79,11 +90,41 @@ def main(argv=None) -> int:
                                "aAcc": metrics["aAcc"],
                                "IoU": dict(zip(names, metrics["IoU"])),
                                "images": metrics["images"], "median_latency_s": latency}
+    if not args.no_export:
+        report["onnxruntime"] = export_and_validate(model, args, output, torch_labels, metrics)
     atomic_write(output / "report.json",
                  lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     print(f"report and sample panels (image | truth | prediction) in {output}/")
     failed = "faithfulness" in report and not report["faithfulness"]["passed"]
     return 1 if failed else 0
+
+
+def export_and_validate(model, args, output: Path, torch_labels: dict, torch_metrics: dict) -> dict:
+    """ONNX at the scenes' size, then the same scenes through ONNX Runtime."""
+    from lrformer_edge.export.onnx import export_onnx
+    from lrformer_edge.metrics import label_agreement
+
+    size = tuple(args.size)
+    result = export_onnx(model, output / f"{BUNDLED_MODEL}-{size[0]}x{size[1]}.onnx", size)
+    print("\n" + result.summary())
+    agreements = []
+
+    def compare(sample, prediction):
+        agreements.append(label_agreement(torch_labels[sample.name], prediction.labels,
+                                          model.num_classes)["pixel_agreement"])
+
+    with SegmentationPipeline.from_artifact(result.path) as pipeline:
+        metrics = evaluate_pipeline(
+            pipeline, procedural_validation_samples(args.images, size), compare)
+    latency = statistics.median(metrics.pop("inference_seconds"))
+    agreement = float(np.mean(agreements))
+    delta = 100 * (metrics["mIoU"] - torch_metrics["mIoU"])
+    print(f"ONNX Runtime FP32: mIoU {100 * metrics['mIoU']:.2f}% ({delta:+.3f} vs PyTorch), "
+          f"pixel agreement with PyTorch {100 * agreement:.4f}%, median latency "
+          f"{1000 * latency:.0f} ms/image")
+    return {"artifact": str(result.path), "mIoU": metrics["mIoU"], "mIoU_delta_points": delta,
+            "pixel_agreement_vs_pytorch": agreement, "median_latency_s": latency,
+            "parity": result.parity.as_dict()}
 
 
 if __name__ == "__main__":

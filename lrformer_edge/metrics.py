@@ -108,3 +108,20 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Agreement:
     labels = label_agreement(np.asarray(reference).argmax(1), np.asarray(candidate).argmax(1),
                              np.asarray(reference).shape[1])
     return Agreement(**labels, **logits_agreement(reference, candidate))
+
+
+def decisive_argmax_agreement(reference: np.ndarray, candidate: np.ndarray,
+                              margin: float) -> tuple[float, float]:
+    """Argmax agreement on pixels whose reference top-2 logit margin exceeds ``margin``.
+
+    Where two classes are tied to within float noise, any correct implementation may pick
+    either; the official reference tolerances use the same rule. Returns
+    (agreement on decisive pixels, fraction of pixels that are decisive).
+    """
+    reference = np.asarray(reference)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > margin
+    same = reference.argmax(1) == np.asarray(candidate).argmax(1)
+    if not decisive.any():
+        return float("nan"), 0.0
+    return float(same[decisive].mean()), float(decisive.mean())

@@ -43,6 +43,15 @@ class SegmentationPipeline:
         return cls(TorchRunner(model, input_size=input_size, device=device), model.config.data,
                    input_size)
 
+    @classmethod
+    def from_artifact(cls, path, **runner_options) -> "SegmentationPipeline":
+        """A pipeline over an exported artifact, configured from the metadata it embeds."""
+        from lrformer_edge.export.metadata import data_config_from_metadata
+        from lrformer_edge.runners import load_runner
+
+        runner = load_runner(path, **runner_options)
+        return cls(runner, data_config_from_metadata(runner.metadata))
+
     def __enter__(self) -> "SegmentationPipeline":
         self.runner.activate()
         return self

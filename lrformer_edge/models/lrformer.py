@@ -265,8 +265,12 @@ class HeadLowResolutionAttention(LowResolutionAttention):
         self.q = nn.Conv2d(dim, dim, 1)
         self.kv = nn.Linear(dim, dim * 2)
 
+    def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return x.shape[2], x.shape[3]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        batch, channels, height, width = x.shape
+        batch, channels = x.shape[0], self.dim
+        height, width = self.spatial_size(x)
         q_grid = pooled_size(height, width, self.q_pooled_size)
         q = self.split_heads(map_to_tokens(self.q(self.pool(x, q_grid))))
 
@@ -353,6 +357,11 @@ class LRFormerSegmentor(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input (normalised pixels), got {x.dtype}")
         height, width = x.shape[2], x.shape[3]
+        fixed = getattr(self, "deploy_input_size", None)
+        if fixed is not None and (height, width) != fixed and not torch.jit.is_tracing():
+            raise ValueError(
+                f"this deploy-form model takes {fixed[0]}x{fixed[1]} inputs, got {height}x{width}; "
+                f"convert the reference model again with to_deploy(model, ({height}, {width}))")
         if height % INPUT_ALIGNMENT or width % INPUT_ALIGNMENT:
             raise ValueError(
                 f"input size {height}x{width} is not a multiple of {INPUT_ALIGNMENT} on both sides; "
@@ -366,7 +375,8 @@ class LRFormerSegmentor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.forward_head_logits(x)
-        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+        size = getattr(self, "deploy_input_size", None) or x.shape[2:]
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def aligned_dim(size: int, divisor: int = INPUT_ALIGNMENT) -> int:

@@ -58,6 +58,13 @@ class OnnxRuntimeRunner(Runner):
         return [o.name for o in self._session().get_outputs()]
 
     @property
+    def metadata(self) -> dict:
+        """The lrformer-edge metadata embedded at export (variant, classes, mean/std...)."""
+        from lrformer_edge.export.onnx import read_onnx_metadata
+
+        return read_onnx_metadata(self.path)
+
+    @property
     def settings(self) -> dict:
         import onnxruntime
 

@@ -32,6 +32,13 @@ class TorchRunner(Runner):
         return [OUTPUT_NAME]
 
     @property
+    def metadata(self) -> dict:
+        from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+
+        return decode_metadata(artifact_metadata(self.model, self.input_size or
+                                                 self.model.config.data.native_size))
+
+    @property
     def settings(self) -> dict:
         return {"device": str(self.device), "precision": "fp32",
                 "threads": torch.get_num_threads(), "torch": torch.__version__}

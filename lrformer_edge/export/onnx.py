@@ -1,0 +1,167 @@
+"""ONNX export of the deploy form, with embedded metadata and a parity check.
+
+``export_onnx`` converts with ``to_deploy`` for the requested size, exports (TorchScript-based
+exporter, opset 17 by default: LayerNormalization is native there and TensorRT 10.x parses
+opsets 9-20), optionally simplifies, embeds metadata, verifies the file against the PyTorch
+model with ONNX Runtime, and only then moves it into place.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+from lrformer_edge.metrics import Agreement, compare_logits
+from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.models.deploy import check_input_size, to_deploy
+
+MAX_OPSET = 20  # newest opset TensorRT 10.x parses
+MIN_OPSET = 17  # LayerNormalization
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ParityError(RuntimeError):
+    """An exported artifact disagrees with the PyTorch ground truth beyond the tolerance."""
+
+
+@dataclass
+class ParityThresholds:
+    max_abs: float = 1e-3
+    min_cosine: float = 0.99999
+    min_pixel_agreement: float = 0.9999
+
+    def violations(self, agreement: Agreement) -> list[str]:
+        found = []
+        if agreement.max_abs is not None and agreement.max_abs > self.max_abs:
+            found.append(f"max-abs {agreement.max_abs:.3g} > {self.max_abs:.3g}")
+        if agreement.cosine is not None and agreement.cosine < self.min_cosine:
+            found.append(f"cosine {agreement.cosine:.6f} < {self.min_cosine}")
+        if agreement.pixel_agreement < self.min_pixel_agreement:
+            found.append(f"argmax agreement {100 * agreement.pixel_agreement:.4f}% < "
+                         f"{100 * self.min_pixel_agreement:.4f}%")
+        return found
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    parity: Agreement | None
+    seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, "
+                 f"{sum(self.op_counts.values())} nodes, {self.seconds:.1f} s)"]
+        if self.parity is not None:
+            p = self.parity
+            lines.append(f"parity vs PyTorch: max-abs {p.max_abs:.2e}, cosine {p.cosine:.7f}, "
+                         f"argmax agreement {100 * p.pixel_agreement:.4f}%")
+        return "\n".join(lines)
+
+
+def parity_inputs(input_size, batch: int = 1, seed: int = 0) -> np.ndarray:
+    """Normalised-pixel-like inputs for parity checks (deterministic)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *input_size, generator=generator).numpy()
+
+
+def check_parity(model, onnx_path: Path, feed: np.ndarray,
+                 thresholds: ParityThresholds | None) -> Agreement:
+    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+
+    with torch.no_grad():
+        reference = model(torch.from_numpy(feed)).numpy()
+    with OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"]) as runner:
+        candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
+    agreement = compare_logits(reference, candidate)
+    if thresholds is not None:
+        problems = thresholds.violations(agreement)
+        if problems:
+            raise ParityError(f"{onnx_path.name} disagrees with the PyTorch model: "
+                              + "; ".join(problems))
+    return agreement
+
+
+def export_onnx(model, output: str | Path, input_size=None, batch_size: int | None = 1,
+                opset: int = MIN_OPSET, simplify: bool = False,
+                parity: ParityThresholds | None = ParityThresholds(),
+                extra_metadata: dict | None = None) -> ExportResult:
+    """Export ``model`` (reference or deploy form) to a single-file ONNX at ``output``.
+
+    ``batch_size=None`` makes the batch dimension dynamic. ``parity=None`` skips the check
+    (not recommended); otherwise a violation raises ``ParityError`` and nothing is written.
+    """
+    import onnx
+
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must lie in [{MIN_OPSET}, {MAX_OPSET}] (TensorRT 10.x parses up "
+                         f"to {MAX_OPSET}; LayerNormalization needs {MIN_OPSET}), got {opset}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive or None (dynamic), got {batch_size}")
+    input_size = check_input_size(input_size or model.config.data.native_size)
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"output must end in .onnx, got {output}")
+    start = time.time()
+    deployed = to_deploy(model, input_size)
+    example = torch.from_numpy(parity_inputs(input_size, batch_size or 1))
+    with tempfile.TemporaryDirectory(prefix="lrformer-onnx-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about constant sizes is expected
+            torch.onnx.export(
+                deployed, (example,), str(raw), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes=None if batch_size else {INPUT_NAME: {0: "batch"},
+                                                      OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True)
+        graph = onnx.load(str(raw))
+        if simplify:
+            graph = _simplify(graph)
+        metadata = artifact_metadata(
+            model, input_size, format="onnx", opset=opset,
+            batch_size=batch_size or "dynamic", exporter=f"torch.onnx (TorchScript) {torch.__version__}",
+            **(extra_metadata or {}))
+        del graph.metadata_props[:]
+        for key, value in metadata.items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(graph, full_check=True)
+        checked = Path(tmp) / "checked.onnx"
+        onnx.save(graph, str(checked))
+        agreement = check_parity(deployed, checked, example.numpy(), parity) \
+            if parity is not None else None
+        atomic_write(output, lambda tmp_path: Path(tmp_path).write_bytes(checked.read_bytes()))
+    return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
+                        decode_metadata(metadata))
+
+
+def _simplify(graph):
+    try:
+        import onnxsim
+    except ImportError:
+        raise ImportError("--simplify needs onnxsim: pip install onnxsim") from None
+    simplified, ok = onnxsim.simplify(graph)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified model")
+    return simplified
+
+
+def op_histogram(graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    return decode_metadata({p.key: p.value for p in graph.metadata_props})
