@@ -39,10 +39,9 @@ def main(argv=None) -> int:
                 parser.exit(2, f"error: {error}\n")
             prediction = pipeline.predict(image)
             stem = output / Path(path).stem
-            atomic_write(f"{stem}_labels.png", lambda tmp: _imwrite(tmp, prediction.labels, ".png"))
+            save_image(f"{stem}_labels.png", prediction.labels)
             blended = pipeline.overlay(image, prediction.labels, args.opacity)
-            atomic_write(f"{stem}_overlay.jpg",
-                         lambda tmp: _imwrite(tmp, cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), ".jpg"))
+            save_image(f"{stem}_overlay.jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR))
             present = sorted(set(prediction.labels.ravel().tolist()))
             names = ", ".join(model.config.data.class_names[i] for i in present)
             print(f"{path}: {image.shape[1]}x{image.shape[0]} -> input "
@@ -51,11 +50,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _imwrite(path: str, array, extension: str) -> None:
-    ok, encoded = cv2.imencode(extension, array)
+def save_image(path: str, array) -> None:
+    """Encode by extension and write atomically."""
+    ok, encoded = cv2.imencode(Path(path).suffix, array)
     if not ok:
         raise OSError(f"could not encode {path}")
-    Path(path).write_bytes(encoded.tobytes())
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
 
 
 if __name__ == "__main__":

@@ -76,11 +76,19 @@ def test_class_count_mismatch_is_explained(tiny_dataset, tmp_path):
         train(_config(tiny_dataset, tmp_path, checkpoint=str(tmp_path / "ade150.pth")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_dataset, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", "29533", str(REPO / "calibration" / "train.py"),
+               "--master-port", str(_free_port()), str(REPO / "calibration" / "train.py"),
                "--variant", "lrformer-test", "--data", str(tiny_dataset),
                "--work-dir", str(tmp_path), "--iters", "2", "--batch-size", "2",
                "--crop-size", "64", "64", "--val-interval", "2", "--log-interval", "1",

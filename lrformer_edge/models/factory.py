@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from lrformer_edge import registry
 from lrformer_edge.models.checkpoint import (
     CheckpointError,
