@@ -10,6 +10,7 @@ WORK_DIR/best_mIoU.pth; --resume continues from latest.pth.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lrformer_edge.training import TrainConfig, export_bundled_weights, train
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     best = summary["best"]
     print(f"best val mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']} "
           f"({summary['train_minutes']:.1f} min)")
-    if args.export_bundled and summary.get("world_size", 1) >= 1:
+    if args.export_bundled and os.environ.get("RANK", "0") == "0":
         path = export_bundled_weights(f"{args.work_dir}/best_mIoU.pth", args.export_bundled)
         print(f"wrote {path}")
     return 0

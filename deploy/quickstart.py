@@ -6,7 +6,7 @@
    ../shared/reference is present);
 2. runs the bundled LRFormer-T (PyTorch FP32, the ground truth) through the same
    preprocess -> runner -> postprocess path every backend uses, on procedural validation scenes
-   never seen in training, and reports mIoU;
+   never seen in training or checkpoint selection, and reports mIoU;
 3. exports it to ONNX at 512x512 (exact static pooling, parity-checked) and runs the same scenes
    through ONNX Runtime, reporting its mIoU and its agreement with the ground truth;
 4. writes sample panels (image | truth | prediction) and a JSON report.
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             pipeline, procedural_validation_samples(args.images, tuple(args.size)), keep)
     latency = statistics.median(metrics.pop("inference_seconds"))
     names = model.config.data.class_names
-    print(f"\nmIoU on {metrics['images']} unseen procedural scenes ({args.size[0]}x{args.size[1]}): "
+    print(f"\nmIoU on {metrics['images']} held-out procedural scenes ({args.size[0]}x{args.size[1]}): "
           f"{100 * metrics['mIoU']:.2f}%  (pixel accuracy {100 * metrics['aAcc']:.2f}%)")
     for name, iou in zip(names, metrics["IoU"]):
         print(f"  {name:<12} IoU {'  n/a' if iou != iou else f'{100 * iou:5.1f}'}")

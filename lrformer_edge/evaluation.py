@@ -5,13 +5,14 @@ from collections.abc import Iterable
 
 from lrformer_edge.data.datasets import IGNORE_INDEX, Sample
 from lrformer_edge.data.procedural import generate_scene
-from lrformer_edge.data.splits import VAL_SEED_START
+from lrformer_edge.data.splits import TEST_SEED_START
 from lrformer_edge.metrics import ConfusionMatrix
 
 
 def procedural_validation_samples(count: int, size: tuple[int, int] = (512, 512),
-                                  first_seed: int = VAL_SEED_START) -> Iterable[Sample]:
-    """Validation scenes generated in memory from seeds never used for training."""
+                                  first_seed: int = TEST_SEED_START) -> Iterable[Sample]:
+    """Held-out scenes generated in memory: seeds used neither in training nor for choosing
+    checkpoints (the training run's validation split starts at VAL_SEED_START)."""
     for seed in range(first_seed, first_seed + count):
         scene = generate_scene(seed, *size)
         yield Sample(scene.image, scene.label, f"procedural_{seed:08d}")

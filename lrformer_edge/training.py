@@ -403,9 +403,10 @@ def export_bundled_weights(checkpoint: str | Path, output: str | Path) -> Path:
     """Half-precision safetensors of a trained checkpoint (how the bundled model is stored)."""
     from safetensors.torch import save_file
 
-    from lrformer_edge.models.checkpoint import atomic_write
+    from lrformer_edge.models.checkpoint import atomic_write, checkpoint_variant
 
+    variant = checkpoint_variant(checkpoint) or ""
     state_dict = read_state_dict(checkpoint)
     half = {k: (v.half() if v.is_floating_point() else v).contiguous()
             for k, v in state_dict.items()}
-    return atomic_write(output, lambda tmp: save_file(half, tmp, metadata={"format": "pt"}))
+    return atomic_write(output, lambda tmp: save_file(half, tmp, metadata={"format": "pt", "variant": variant}))

@@ -112,3 +112,18 @@ def test_corrupt_files_give_a_clear_error(tmp_path, content, suffix):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "nope.pth")
+
+
+def test_load_runner_reads_the_variant_our_checkpoints_record(tmp_path, trained_state):
+    from lrformer_edge.runners import load_runner
+    from lrformer_edge.runners.torch import TorchRunner
+
+    save_mmseg_checkpoint(trained_state, tmp_path / "ours.pth", meta={"variant": "lrformer-test"})
+    runner = load_runner(tmp_path / "ours.pth")
+    assert isinstance(runner, TorchRunner) and runner.model.config.name == "lrformer-test"
+    torch.save(trained_state, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="variant='lrformer-t'"):
+        load_runner(tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="cannot tell which backend"):
+        (tmp_path / "model.xyz").write_bytes(b"")
+        load_runner(tmp_path / "model.xyz")

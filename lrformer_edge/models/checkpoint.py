@@ -84,6 +84,22 @@ def normalise_state_dict(raw: object, source: str = "checkpoint") -> dict[str, t
     return tensors
 
 
+def checkpoint_variant(path: str | os.PathLike) -> str | None:
+    """The registry variant a checkpoint records (our training/bundled files do), if any."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                return (handle.metadata() or {}).get("variant")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable files are reported by read_state_dict, with context
+        return None
+    meta = payload.get("meta") if isinstance(payload, Mapping) else None
+    return meta.get("variant") if isinstance(meta, Mapping) else None
+
+
 def num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     weight = state_dict.get("decode_head.conv_seg.weight")
     return None if weight is None else int(weight.shape[0])

@@ -24,12 +24,14 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
     if path.suffix in TORCH_SUFFIXES:
+        from lrformer_edge.models.checkpoint import checkpoint_variant
         from lrformer_edge.models.factory import create_model
         from lrformer_edge.runners.torch import TorchRunner
 
+        variant = variant or checkpoint_variant(path)
         if variant is None:
-            raise ValueError(f"{path} is a PyTorch checkpoint: name its variant "
-                             f"(load_runner(path, variant='lrformer-t'))")
+            raise ValueError(f"{path} does not record its variant (official checkpoints do not): "
+                             f"name it, e.g. load_runner(path, variant='lrformer-t')")
         return TorchRunner(create_model(variant, checkpoint=path), **options)
     if path.suffix == ".onnx":
         from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
