@@ -1,0 +1,1 @@
+"""Data: preprocessing, postprocessing, procedural scenes and dataset readers."""
