@@ -57,3 +57,12 @@ def test_quickstart_main_job(tmp_path):
         assert report["faithfulness"]["passed"]
     assert any(p.suffix == ".jpg" for p in tmp_path.iterdir())
     assert np.isfinite(report["bundled_model"]["mIoU"])
+
+
+def test_deploy_parity_cli():
+    result = run("deploy/deploy_parity.py", "--variant", "lrformer-test", "--reference-weights",
+                 "--sizes", "64x96", "96x64", "--onnx")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("deploy: max-abs") == 2 and "onnxruntime: max-abs" in result.stdout
+    bad = run("deploy/deploy_parity.py", "--sizes", "100x100")
+    assert bad.returncode == 2 and "multiples of 32" in bad.stderr
