@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lrformer_edge.export.onnx import ParityThresholds, export_onnx, parity_inputs

@@ -18,8 +18,9 @@ def procedural_validation_samples(count: int, size: tuple[int, int] = (512, 512)
         yield Sample(scene.image, scene.label, f"procedural_{seed:08d}")
 
 
-def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None) -> dict:
-    """mIoU & co. of ``pipeline`` over ``samples``; ``on_prediction(sample, prediction)`` sees each."""
+def confusion_of(pipeline, samples: Iterable[Sample],
+                 on_prediction=None) -> tuple[ConfusionMatrix, list[float]]:
+    """Confusion matrix and per-image inference seconds of ``pipeline`` over ``samples``."""
     matrix = ConfusionMatrix(pipeline.data.num_classes, IGNORE_INDEX)
     seconds = []
     for sample in samples:
@@ -28,6 +29,12 @@ def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None) -
         seconds.append(prediction.inference_seconds)
         if on_prediction is not None:
             on_prediction(sample, prediction)
+    return matrix, seconds
+
+
+def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None) -> dict:
+    """mIoU & co. of ``pipeline`` over ``samples``; ``on_prediction(sample, prediction)`` sees each."""
+    matrix, seconds = confusion_of(pipeline, samples, on_prediction)
     metrics = matrix.compute()
     metrics["images"] = len(seconds)
     metrics["inference_seconds"] = seconds

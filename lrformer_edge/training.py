@@ -24,7 +24,6 @@ from torch import nn
 
 from lrformer_edge.data.datasets import IGNORE_INDEX, SegmentationDataset, open_dataset
 from lrformer_edge.data.preprocess import normalize, rescale_size
-from lrformer_edge.metrics import ConfusionMatrix
 from lrformer_edge.models.checkpoint import load_into, read_state_dict, save_mmseg_checkpoint
 
 
@@ -190,23 +189,18 @@ def lr_factor(iteration: int, total: int, warmup: int, start_factor: float) -> f
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset: SegmentationDataset, data_config, device,
              max_images: int | None = None, info: DistInfo | None = None) -> dict:
-    """Whole-image mIoU with the official test transform; shards over processes when DDP."""
-    from lrformer_edge.data.postprocess import logits_to_labels
-    from lrformer_edge.data.preprocess import preprocess
+    """Whole-image mIoU through the deploy pipeline's path; shards over processes when DDP."""
+    from lrformer_edge.evaluation import confusion_of
+    from lrformer_edge.pipeline import SegmentationPipeline
+    from lrformer_edge.runners.torch import TorchRunner
 
     info = info or DistInfo()
-    model.eval()
-    matrix = ConfusionMatrix(data_config.num_classes, IGNORE_INDEX)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    for index in range(info.rank, count, info.world_size):
-        sample = dataset[index]
-        prepared = preprocess(sample.image, data_config.mean, data_config.std,
-                              data_config.test_scale, data_config.size_divisor)
-        logits = model(torch.from_numpy(prepared.batch).to(device))
-        matrix.update(sample.label, logits_to_labels(logits, prepared.original_size))
+    shard = (dataset[i] for i in range(info.rank, count, info.world_size))
+    with SegmentationPipeline(TorchRunner(model, device=str(device)), data_config) as pipeline:
+        matrix, _ = confusion_of(pipeline, shard)
     if info.world_size > 1:
         totals = torch.from_numpy(matrix.matrix)
         dist.all_reduce(totals)

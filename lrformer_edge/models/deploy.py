@@ -78,6 +78,18 @@ class _StaticAttentionMixin:
 
     feature_size: tuple[int, int]
 
+    @classmethod
+    def from_module(cls, module: LowResolutionAttention, feature_size):
+        """The static twin of ``module`` for ``feature_size``, sharing its parameters."""
+        static = cls.__new__(cls)
+        nn.Module.__init__(static)
+        for name in ("dim", "num_heads", "scale", "q_pooled_size", "kv_pooled_sizes"):
+            setattr(static, name, getattr(module, name))
+        for name in ("q", "kv", "proj", "norm"):
+            setattr(static, name, getattr(module, name))
+        static._build_static(feature_size)
+        return static
+
     def _build_static(self, feature_size: tuple[int, int]) -> None:
         height, width = feature_size
         self.feature_size = (height, width)
@@ -96,17 +108,6 @@ class _StaticAttentionMixin:
 class StaticLowResolutionAttention(_StaticAttentionMixin, LowResolutionAttention):
     """Backbone LRSA for one fixed feature-map size (same parameters, same names)."""
 
-    @classmethod
-    def from_module(cls, module: LowResolutionAttention, feature_size) -> "StaticLowResolutionAttention":
-        static = cls.__new__(cls)
-        nn.Module.__init__(static)
-        for name in ("dim", "num_heads", "scale", "q_pooled_size", "kv_pooled_sizes"):
-            setattr(static, name, getattr(module, name))
-        for name in ("q", "kv", "proj", "norm"):
-            setattr(static, name, getattr(module, name))
-        static._build_static(feature_size)
-        return static
-
     def forward(self, x, height, width, d_convs):
         _check_size(self, height, width)
         return super().forward(x, *self.feature_size, d_convs)
@@ -114,8 +115,6 @@ class StaticLowResolutionAttention(_StaticAttentionMixin, LowResolutionAttention
 
 class StaticHeadLowResolutionAttention(_StaticAttentionMixin, HeadLowResolutionAttention):
     """Decoder LRSA for one fixed feature-map size."""
-
-    from_module = classmethod(StaticLowResolutionAttention.from_module.__func__)
 
     def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
         _check_size(self, x.shape[2], x.shape[3])
@@ -129,7 +128,7 @@ def _check_size(module, height, width) -> None:
             f"got {(int(height), int(width))}; call to_deploy(model, input_size) for this size")
 
 
-def _reference_class(module: nn.Module):
+def _static_class_for(module: nn.Module):
     if isinstance(module, (StaticHeadLowResolutionAttention, HeadLowResolutionAttention)):
         return StaticHeadLowResolutionAttention
     return StaticLowResolutionAttention
@@ -162,14 +161,10 @@ def to_deploy(model: LRFormerSegmentor, input_size, inplace: bool = False) -> LR
     stage_sizes = [(height // s, width // s) for s in (4, 8, 16, 32)]
     for stage, size in enumerate(stage_sizes, start=1):
         for block in getattr(deployed.backbone, f"block{stage}"):
-            block.attn = _reference_class(block.attn).from_module(block.attn, size)
+            block.attn = _static_class_for(block.attn).from_module(block.attn, size)
     head = deployed.decode_head
     head_size = stage_sizes[head.in_index[0]]
     for block in (head.fuse_block1, head.fuse_block2):
-        block.attn = _reference_class(block.attn).from_module(block.attn, head_size)
+        block.attn = _static_class_for(block.attn).from_module(block.attn, head_size)
     deployed.deploy_input_size = (height, width)
     return deployed.eval()
-
-
-def is_deployed(model: nn.Module) -> bool:
-    return getattr(model, "deploy_input_size", None) is not None
