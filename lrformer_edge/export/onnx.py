@@ -57,8 +57,10 @@ class ExportResult:
     metadata: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, "
-                 f"{sum(self.op_counts.values())} nodes, {self.seconds:.1f} s)"]
+        files = [self.path, self.path.with_suffix(".bin")]  # an OpenVINO IR is .xml + .bin
+        size = sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+        nodes = f"{sum(self.op_counts.values())} nodes, " if self.op_counts else ""
+        lines = [f"wrote {self.path} ({size:.1f} MiB, {nodes}{self.seconds:.1f} s)"]
         if self.parity is not None:
             p = self.parity
             lines.append(f"parity vs PyTorch: max-abs {p.max_abs:.2e}, cosine {p.cosine:.7f}, "

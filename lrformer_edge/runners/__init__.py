@@ -1,7 +1,7 @@
 """Runners: one interface (``with runner: runner.infer(feed)``) over every backend.
 
 ``load_runner(path)`` picks the backend from the artifact: a PyTorch checkpoint (``.pth``,
-``.pt``, ``.safetensors``) or an ONNX model (``.onnx``). SDKs are imported only when used.
+``.pt``, ``.safetensors``), an ONNX model (``.onnx``) or an OpenVINO IR (``.xml`` or its folder). SDKs are imported only when used.
 """
 from __future__ import annotations
 
@@ -37,8 +37,12 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
         from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, **options)
+    if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
+        from lrformer_edge.runners.openvino import OpenVINORunner
+
+        return OpenVINORunner(path, **options)
     raise ValueError(f"cannot tell which backend runs {path}: expected one of "
-                     f"{', '.join(TORCH_SUFFIXES + ('.onnx',))}")
+                     f"{', '.join(TORCH_SUFFIXES + ('.onnx', '.xml'))} or an OpenVINO IR folder")
 
 
 __all__ = ["MissingDependencyError", "Runner", "RunnerInputError", "RunnerStateError",

@@ -1,0 +1,104 @@
+"""OpenVINO IR export (FP32 / FP16 weights) through the parity-checked ONNX of the deploy form.
+
+The IR carries the artifact metadata in ``rt_info/lrformer_edge``, is checked against the PyTorch
+model with an explicitly FP32 OpenVINO runner, must compile under every inference-precision hint
+(f32, bf16, f16), and replaces the output folder only when all of that passed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+from lrformer_edge.export.onnx import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportResult,
+    ParityError,
+    ParityThresholds,
+    export_onnx,
+    parity_inputs,
+)
+from lrformer_edge.metrics import compare_logits
+from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.runners.base import require
+from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
+
+IR_PRECISIONS = ("fp32", "fp16")
+# FP16 weights cannot meet FP32's max-abs bound; what matters is the decision per pixel.
+FP16_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.9999, min_pixel_agreement=0.995)
+
+
+def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
+                    batch_size: int | None = 1, parity: ParityThresholds | None = None) -> ExportResult:
+    """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    if precision not in IR_PRECISIONS:
+        raise ValueError(f"precision must be one of {IR_PRECISIONS}, got {precision!r}")
+    input_size = check_input_size(input_size or model.config.data.native_size)
+    parity = parity or (FP16_PARITY if precision == "fp16" else ParityThresholds())
+    output_dir = Path(output_dir)
+    start = time.time()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        onnx_result = export_onnx(model, staging / "model.onnx", input_size, batch_size)
+        ov_model = ov.convert_model(str(onnx_result.path))
+        metadata = artifact_metadata(
+            model, input_size, format="openvino-ir", weights_precision=precision,
+            batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
+            onnx_parity=onnx_result.parity.as_dict())
+        write_rt_metadata(ov_model, metadata)
+        xml = staging / f"{model.config.name}.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=precision == "fp16")
+        (staging / "model.onnx").unlink()
+        agreement = ir_parity(model, xml, input_size, batch_size or 1, parity)
+        compiles_under_every_hint(xml)
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
+                        decode_metadata(metadata))
+
+
+def ir_parity(model, xml: Path, input_size, batch: int, thresholds: ParityThresholds):
+    feed = parity_inputs(input_size, batch)
+    with torch.no_grad():
+        reference = to_deploy(model, input_size)(torch.from_numpy(feed)).numpy()
+    with OpenVINORunner(xml, precision="f32") as runner:
+        candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
+    agreement = compare_logits(reference, candidate)
+    problems = thresholds.violations(agreement)
+    if problems:
+        raise ParityError(f"{xml.name} disagrees with the PyTorch model: " + "; ".join(problems))
+    return agreement
+
+
+def compiles_under_every_hint(xml: Path) -> None:
+    """Compile and run once under each precision hint: an IR that fails any is not shipped."""
+    for hint in PRECISIONS:
+        with OpenVINORunner(xml, precision=hint) as runner:
+            spec = runner.input_specs[0]
+            shape = tuple(1 if d is None else d for d in spec.shape)
+            output = runner.infer({spec.name: np.zeros(shape, np.float32)})[OUTPUT_NAME]
+            if not np.isfinite(output).all():
+                raise RuntimeError(f"{xml.name} gives non-finite outputs at precision {hint}")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap the finished folder into place; a previous export is removed only afterwards."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    os.replace(new, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""OpenVINO runner with the inference precision always explicit.
+
+OpenVINO's CPU plugin silently runs in bfloat16 on AMX CPUs unless told otherwise; this runner
+always sets ``INFERENCE_PRECISION_HINT`` and reports what the compiled model actually uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lrformer_edge.runners.base import Runner, TensorSpec, require
+
+PRECISIONS = ("f32", "bf16", "f16")
+MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+RT_INFO_ROOT = "lrformer_edge"
+
+
+def _openvino():
+    return require("openvino", "openvino", "the OpenVINO runner")
+
+
+class OpenVINORunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, precision: str = "f32", threads: int | None = None,
+                 streams: int | None = None, mode: str = "latency", device: str = "CPU",
+                 name: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+        path = Path(path)
+        if path.is_dir():
+            candidates = sorted(path.glob("*.xml"))
+            if len(candidates) != 1:
+                raise ValueError(f"{path} should hold exactly one OpenVINO .xml, found "
+                                 f"{[c.name for c in candidates]}")
+            path = candidates[0]
+        super().__init__(name or f"openvino:{path.name}:{precision}")
+        self.path = path
+        self.precision, self.threads, self.streams = precision, threads, streams
+        self.mode, self.device = mode, device
+        self._model = None
+        self.compiled = None
+        self.request = None
+
+    def _read(self):
+        if self._model is None:
+            self._model = _openvino().Core().read_model(str(self.path))
+        return self._model
+
+    def _activate(self) -> None:
+        ov = _openvino()
+        config = {"INFERENCE_PRECISION_HINT": self.precision,
+                  "PERFORMANCE_HINT": MODES[self.mode]}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        if self.streams:
+            config["NUM_STREAMS"] = self.streams
+        self.compiled = ov.Core().compile_model(self._read(), self.device, config)
+        self.request = self.compiled.create_infer_request()
+
+    def _deactivate(self) -> None:
+        self.request = self.compiled = None
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        specs = []
+        for port in self._read().inputs:
+            dims = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            specs.append(TensorSpec(port.get_any_name(), "float32", dims))
+        return specs
+
+    @property
+    def output_names(self) -> list[str]:
+        return [port.get_any_name() for port in self._read().outputs]
+
+    @property
+    def settings(self) -> dict:
+        ov = _openvino()
+        settings = {"device": self.device, "requested_precision": self.precision,
+                    "mode": self.mode, "openvino": ov.__version__}
+        if self.compiled is not None:
+            used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            settings["inference_precision"] = getattr(used, "get_type_name", lambda: str(used))()
+            settings["threads"] = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+            settings["streams"] = int(self.compiled.get_property("NUM_STREAMS"))
+        return settings
+
+    @property
+    def metadata(self) -> dict:
+        return read_rt_metadata(self._read())
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer(feed)
+        return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
+
+
+def write_rt_metadata(ov_model, metadata: dict[str, str]) -> None:
+    """Store flat string metadata under rt_info/lrformer_edge (visible in the .xml)."""
+    import json
+
+    keys = [key.split(".", 1)[1] for key in metadata]
+    for key, value in metadata.items():
+        ov_model.set_rt_info(value, [RT_INFO_ROOT, key.split(".", 1)[1]])
+    ov_model.set_rt_info(json.dumps(keys), [RT_INFO_ROOT, "keys"])
+
+
+def read_rt_metadata(ov_model) -> dict:
+    import json
+
+    from lrformer_edge.export.metadata import decode_metadata
+
+    if not ov_model.has_rt_info([RT_INFO_ROOT, "keys"]):
+        return {}
+    keys = json.loads(ov_model.get_rt_info([RT_INFO_ROOT, "keys"]).astype(str))
+    return decode_metadata({f"{RT_INFO_ROOT}.{k}": ov_model.get_rt_info([RT_INFO_ROOT, k]).astype(str)
+                            for k in keys})
