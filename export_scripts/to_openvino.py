@@ -1,19 +1,23 @@
-"""Export LRFormer to an OpenVINO IR (FP32 or FP16 weights), parity-checked against PyTorch.
+"""Export LRFormer to an OpenVINO IR (FP32, FP16 or INT8), parity-checked against PyTorch.
 
     python export_scripts/to_openvino.py --precision fp32 --output lrformer-ov/
-    python export_scripts/to_openvino.py --variant lrformer-t --checkpoint CKPT \\
-        --input-size 512 1024 --precision fp16 --output lrformer-t-ov/
+    python export_scripts/to_openvino.py --precision int8 --calib-data data/ade --max-drop 0.5 \\
+        --variant lrformer-t --checkpoint CKPT --input-size 512 512 --output lrformer-t-int8/
 
-The IR embeds its metadata in rt_info, is compared with the PyTorch model by an OpenVINO runner
-set explicitly to f32 inference precision (OpenVINO defaults to bf16 on AMX CPUs), and must
-compile under the f32, bf16 and f16 hints before the folder is written. INT8 (NNCF PTQ with
-accuracy control) is not implemented yet.
+The IR embeds its metadata in rt_info (for INT8 also the quantization settings and the
+calibration set's source, size, seed and SHA-256), is compared with the PyTorch model by an
+OpenVINO runner set explicitly to f32 inference precision (OpenVINO defaults to bf16 on AMX CPUs),
+and must compile under the f32, bf16 and f16 hints before the folder is written.
+INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric, SmoothQuant off) on
+--calib-images real images (300 by default) of --calib-data; --max-drop enables accuracy control
+against the FP32 model's own predictions (mIoU points).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from lrformer_edge.data.datasets import DatasetError
 from lrformer_edge.export.onnx import ParityError
 from lrformer_edge.export.openvino import IR_PRECISIONS, export_openvino
 from lrformer_edge.models.checkpoint import CheckpointError
@@ -30,12 +34,32 @@ def main(argv=None) -> int:
                         help="fixed input size, multiples of 32 (default: the variant's native size)")
     parser.add_argument("--precision", choices=IR_PRECISIONS, default="fp32",
                         help="weights precision of the IR")
+    parser.add_argument("--calib-data", default="procedural",
+                        help="int8: dataset root, image folder, or 'procedural' (default)")
+    parser.add_argument("--calib-images", type=int, default=300, help="int8: calibration images")
+    parser.add_argument("--max-drop", type=float,
+                        help="int8: accuracy control, largest mIoU drop (points) vs FP32")
+    parser.add_argument("--seed", type=int, default=0, help="int8: calibration sampling seed")
     parser.add_argument("--output", required=True, help="output folder (replaced when complete)")
     args = parser.parse_args(argv)
+    if args.precision != "int8" and args.max_drop is not None:
+        parser.error("--max-drop applies to --precision int8 only")
+    if args.calib_images < 1:
+        parser.error("--calib-images must be positive")
     try:
         model = create_model(args.variant, checkpoint=args.checkpoint)
-        result = export_openvino(model, args.output, args.input_size, args.precision)
-    except (CheckpointError, ValueError, ImportError) as error:
+        size = args.input_size or model.config.data.native_size
+        calibration = None
+        if args.precision == "int8":
+            from lrformer_edge.quant.calibration import build_calibration_set
+
+            calibration = build_calibration_set(args.calib_data, model.config.data, size,
+                                                args.calib_images, args.seed)
+            print(f"calibration set: {len(calibration.batches)} images from {args.calib_data}, "
+                  f"sha256 {calibration.sha256[:16]}...")
+        result = export_openvino(model, args.output, size, args.precision,
+                                 calibration=calibration, max_drop=args.max_drop)
+    except (CheckpointError, DatasetError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ParityError as error:

@@ -87,6 +87,68 @@ def test_to_openvino_cli(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "compiles under the f32, bf16 and f16" in result.stdout
-    bad = subprocess.run(command[:-2] + ["--precision", "int8", "--output", "x"],
+    bad = subprocess.run(command[:-2] + ["--precision", "int4", "--output", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    missing = subprocess.run(command[:-2] + ["--precision", "int8", "--calib-data",
+                                             str(tmp_path / "nowhere"), "--output", "y"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nowhere does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_int8_from_an_image_folder_records_its_calibration(tiny, tmp_path):
+    import cv2
+
+    from lrformer_edge.data.procedural import generate_scene
+    from lrformer_edge.quant.calibration import build_calibration_set
+
+    (tmp_path / "frames").mkdir()
+    for seed in range(6):
+        cv2.imwrite(str(tmp_path / "frames" / f"{seed}.jpg"), generate_scene(seed, 80, 120).image)
+    calibration = build_calibration_set(tmp_path / "frames", tiny.config.data, (64, 96), 4, seed=1)
+    again = build_calibration_set(tmp_path / "frames", tiny.config.data, (64, 96), 4, seed=1)
+    assert len(calibration.batches) == 4 and calibration.sha256 == again.sha256
+    result = export_openvino(tiny, tmp_path / "int8", (64, 96), "int8", calibration=calibration)
+    meta = result.metadata
+    assert meta["weights_precision"] == "int8"
+    assert meta["calibration_set"]["sha256"] == calibration.sha256
+    assert meta["quantization"]["model_type"] == "TRANSFORMER"
+    assert meta["quantization"]["smooth_quant"] is False
+    assert result.parity.pixel_agreement > 0.95
+    xml = result.path.read_text()
+    assert "FakeQuantize" in xml or "FakeConvert" in xml  # really quantized
+
+
+def test_int8_requires_calibration(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs a calibration set"):
+        export_openvino(tiny, tmp_path / "x", (64, 64), "int8")
+    with pytest.raises(ValueError, match="int8 only"):
+        export_openvino(tiny, tmp_path / "x", (64, 64), "fp32", max_drop=0.5)
+
+
+@pytest.mark.slow
+def test_int8_with_accuracy_control(tiny, tmp_path):
+    from lrformer_edge.quant.calibration import build_calibration_set
+
+    calibration = build_calibration_set("procedural", tiny.config.data, (64, 64), 6)
+    result = export_openvino(tiny, tmp_path / "ac", (64, 64), "int8", calibration=calibration,
+                             max_drop=5.0)
+    assert result.metadata["quantization"]["accuracy_control_max_drop_miou_points"] == 5.0
+
+
+def test_benchmark_runs_every_available_backend(tiny, tmp_path):
+    from lrformer_edge.benchmark import markdown_table, run_benchmark
+
+    rows = run_benchmark(tiny, (64, 64), tmp_path, eval_images=2, iterations=3, warmup=1,
+                         calibration_images=4, log=lambda *_: None)
+    assert [(r.backend, r.precision) for r in rows] == [
+        ("pytorch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
+        ("openvino", "bf16"), ("openvino", "int8"), ("openvino", "int8+bf16")]
+    assert rows[0].speedup_vs_pytorch == 1.0 and rows[0].agreement_vs_pytorch == 1.0
+    for row in rows:
+        assert row.median_ms > 0 and row.p99_ms >= row.median_ms and row.fps > 0
+        assert 0 <= row.miou <= 1 and row.agreement_vs_pytorch > 0.9
+    assert rows[1].agreement_vs_pytorch > 0.999  # ORT FP32 is exact
+    assert rows[3].settings["requested_precision"] == "bf16"
+    assert "| openvino | int8 |" in markdown_table(rows, "t")

@@ -31,19 +31,32 @@ from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.runners.base import require
 from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
 
-IR_PRECISIONS = ("fp32", "fp16")
+IR_PRECISIONS = ("fp32", "fp16", "int8")
 # FP16 weights cannot meet FP32's max-abs bound; what matters is the decision per pixel.
 FP16_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.9999, min_pixel_agreement=0.995)
+# INT8 is a sanity check on one real calibration image; accuracy is measured by validation.
+INT8_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.99, min_pixel_agreement=0.95)
 
 
 def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
-                    batch_size: int | None = 1, parity: ParityThresholds | None = None) -> ExportResult:
-    """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch."""
+                    batch_size: int | None = 1, parity: ParityThresholds | None = None,
+                    calibration=None, max_drop: float | None = None) -> ExportResult:
+    """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch.
+
+    ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
+    ``max_drop`` (mIoU points against the FP32 model's own predictions) turns on NNCF's
+    accuracy control, which keeps the most sensitive layers in float until the drop fits.
+    """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
         raise ValueError(f"precision must be one of {IR_PRECISIONS}, got {precision!r}")
+    if precision == "int8" and calibration is None:
+        raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
+    if precision != "int8" and (calibration is not None or max_drop is not None):
+        raise ValueError("calibration data and max_drop apply to int8 only")
     input_size = check_input_size(input_size or model.config.data.native_size)
-    parity = parity or (FP16_PARITY if precision == "fp16" else ParityThresholds())
+    parity = parity or {"fp16": FP16_PARITY, "int8": INT8_PARITY}.get(precision,
+                                                                       ParityThresholds())
     output_dir = Path(output_dir)
     start = time.time()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +64,22 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     try:
         onnx_result = export_onnx(model, staging / "model.onnx", input_size, batch_size)
         ov_model = ov.convert_model(str(onnx_result.path))
+        quantization = {}
+        if precision == "int8":
+            from lrformer_edge.quant.ptq import quantize_openvino
+
+            ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop)
         metadata = artifact_metadata(
             model, input_size, format="openvino-ir", weights_precision=precision,
             batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
-            onnx_parity=onnx_result.parity.as_dict())
+            onnx_parity=onnx_result.parity.as_dict(), **quantization)
         write_rt_metadata(ov_model, metadata)
         xml = staging / f"{model.config.name}.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=precision == "fp16")
         (staging / "model.onnx").unlink()
-        agreement = ir_parity(model, xml, input_size, batch_size or 1, parity)
+        feed = calibration.batches[0] if precision == "int8" else \
+            parity_inputs(input_size, batch_size or 1)
+        agreement = ir_parity(model, xml, input_size, feed, parity)
         compiles_under_every_hint(xml)
         _replace_dir(staging, output_dir)
     except BaseException:
@@ -69,8 +89,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                         decode_metadata(metadata))
 
 
-def ir_parity(model, xml: Path, input_size, batch: int, thresholds: ParityThresholds):
-    feed = parity_inputs(input_size, batch)
+def ir_parity(model, xml: Path, input_size, feed: np.ndarray, thresholds: ParityThresholds):
     with torch.no_grad():
         reference = to_deploy(model, input_size)(torch.from_numpy(feed)).numpy()
     with OpenVINORunner(xml, precision="f32") as runner:

@@ -1,0 +1,63 @@
+"""Export the model to every format available here and compare them in one run.
+
+    python deploy/benchmark.py                      # bundled LRFormer-T at 512x512
+    python deploy/benchmark.py --variant lrformer-t --checkpoint CKPT --input-size 512 1024
+
+Rows: PyTorch eager FP32 (the ground truth), ONNX Runtime FP32, OpenVINO FP32 / BF16 / INT8
+(NNCF PTQ) / INT8 with BF16 for the float parts. Per row: latency median / p90 / p99 after
+warm-up, throughput, speed-up over PyTorch (ratio of medians, same process), mIoU on held-out
+procedural scenes and pixel agreement with PyTorch. Writes benchmark.md and benchmark.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from lrformer_edge.benchmark import markdown_table, rows_as_json, run_benchmark
+from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.models.deploy import check_input_size
+from lrformer_edge.models.factory import create_model
+from lrformer_edge.registry import BUNDLED_MODEL, list_models
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--eval-images", type=int, default=20,
+                        help="held-out procedural scenes for mIoU and agreement (0: skip)")
+    parser.add_argument("--calib-data", default="procedural",
+                        help="calibration images: dataset root, image folder or 'procedural'")
+    parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument("--threads", type=int, help="inference threads for ORT/OpenVINO")
+    parser.add_argument("--output", default="outputs/benchmark")
+    args = parser.parse_args(argv)
+    try:
+        model = create_model(args.variant, checkpoint=args.checkpoint)
+        size = check_input_size(args.input_size or model.config.data.native_size)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    output = Path(args.output)
+    rows = run_benchmark(model, size, output / "artifacts", args.eval_images, args.iterations,
+                         args.warmup, args.calib_images, args.calib_data, args.threads)
+    title = (f"{model.config.name} at {size[0]}x{size[1]}, batch 1, {platform.processor() or 'cpu'}"
+             f", {torch.get_num_threads()} threads, {args.eval_images} held-out scenes")
+    table = markdown_table(rows, title)
+    print("\n" + table)
+    atomic_write(output / "benchmark.md", lambda tmp: Path(tmp).write_text(table))
+    atomic_write(output / "benchmark.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"title": title, "rows": rows_as_json(rows)}, indent=1, default=str)))
+    print(f"wrote {output}/benchmark.md and benchmark.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
