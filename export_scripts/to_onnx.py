@@ -11,10 +11,9 @@ reproduces the PyTorch logits (max-abs, cosine, argmax agreement); otherwise the
 from __future__ import annotations
 
 import argparse
-import sys
 
-from lrformer_edge.export.onnx import MAX_OPSET, MIN_OPSET, ParityError, ParityThresholds, export_onnx
-from lrformer_edge.models.checkpoint import CheckpointError
+from lrformer_edge.export import run_export_cli
+from lrformer_edge.export.onnx import MAX_OPSET, MIN_OPSET, ParityThresholds, export_onnx
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
@@ -50,23 +49,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def export():
         model = create_model(args.variant, checkpoint=args.checkpoint)
         size = tuple(args.input_size) if args.input_size else model.config.data.native_size
         print(f"exporting {model.config.name} at {size[0]}x{size[1]}, "
               f"batch {'dynamic' if args.dynamic_batch else args.batch_size}, opset {args.opset}")
-        result = export_onnx(model, args.output, size,
-                             batch_size=None if args.dynamic_batch else args.batch_size,
-                             opset=args.opset, simplify=args.simplify,
-                             parity=ParityThresholds(max_abs=args.max_abs))
-    except (CheckpointError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ParityError as error:
-        print(f"PARITY CHECK FAILED, nothing written: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    return 0
+        return export_onnx(model, args.output, size,
+                           batch_size=None if args.dynamic_batch else args.batch_size,
+                           opset=args.opset, simplify=args.simplify,
+                           parity=ParityThresholds(max_abs=args.max_abs))
+
+    code, result = run_export_cli(export)
+    if result is not None:
+        print(result.summary())
+    return code
 
 
 if __name__ == "__main__":

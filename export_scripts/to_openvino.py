@@ -15,12 +15,9 @@ against the FP32 model's own predictions (mIoU points).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from lrformer_edge.data.datasets import DatasetError
-from lrformer_edge.export.onnx import ParityError
+from lrformer_edge.export import run_export_cli
 from lrformer_edge.export.openvino import IR_PRECISIONS, export_openvino
-from lrformer_edge.models.checkpoint import CheckpointError
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
@@ -46,7 +43,8 @@ def main(argv=None) -> int:
         parser.error("--max-drop applies to --precision int8 only")
     if args.calib_images < 1:
         parser.error("--calib-images must be positive")
-    try:
+
+    def export():
         model = create_model(args.variant, checkpoint=args.checkpoint)
         size = args.input_size or model.config.data.native_size
         calibration = None
@@ -57,17 +55,14 @@ def main(argv=None) -> int:
                                                 args.calib_images, args.seed)
             print(f"calibration set: {len(calibration.batches)} images from {args.calib_data}, "
                   f"sha256 {calibration.sha256[:16]}...")
-        result = export_openvino(model, args.output, size, args.precision,
-                                 calibration=calibration, max_drop=args.max_drop)
-    except (CheckpointError, DatasetError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except ParityError as error:
-        print(f"PARITY CHECK FAILED, nothing written: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    print("compiles under the f32, bf16 and f16 inference-precision hints")
-    return 0
+        return export_openvino(model, args.output, size, args.precision,
+                               calibration=calibration, max_drop=args.max_drop)
+
+    code, result = run_export_cli(export)
+    if result is not None:
+        print(result.summary())
+        print("compiles under the f32, bf16 and f16 inference-precision hints")
+    return code
 
 
 if __name__ == "__main__":
