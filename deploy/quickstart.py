@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from lrformer_edge.data.postprocess import colorize
-from lrformer_edge.evaluation import evaluate_pipeline, procedural_validation_samples
+from lrformer_edge.evaluation import evaluate_pipeline, keep_labels, procedural_validation_samples
 from lrformer_edge.models.checkpoint import atomic_write
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
                 cv2.imencode(".jpg", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))[1].tobytes()))
 
     torch_labels = {}
+    remember = keep_labels(torch_labels)
 
     def keep(sample, prediction):
-        torch_labels[sample.name] = prediction.labels
+        remember(sample, prediction)
         save(sample, prediction)
 
     with SegmentationPipeline.from_model(model) as pipeline:
@@ -102,22 +103,15 @@ def main(argv=None) -> int:
 def export_and_validate(model, args, output: Path, torch_labels: dict, torch_metrics: dict) -> dict:
     """ONNX at the scenes' size, then the same scenes through ONNX Runtime."""
     from lrformer_edge.export.onnx import export_onnx
-    from lrformer_edge.metrics import label_agreement
 
     size = tuple(args.size)
     result = export_onnx(model, output / f"{BUNDLED_MODEL}-{size[0]}x{size[1]}.onnx", size)
     print("\n" + result.summary())
-    agreements = []
-
-    def compare(sample, prediction):
-        agreements.append(label_agreement(torch_labels[sample.name], prediction.labels,
-                                          model.num_classes)["pixel_agreement"])
-
     with SegmentationPipeline.from_artifact(result.path) as pipeline:
-        metrics = evaluate_pipeline(
-            pipeline, procedural_validation_samples(args.images, size), compare)
+        metrics = evaluate_pipeline(pipeline, procedural_validation_samples(args.images, size),
+                                    reference_labels=torch_labels)
     latency = statistics.median(metrics.pop("inference_seconds"))
-    agreement = float(np.mean(agreements))
+    agreement = metrics["pixel_agreement"]
     delta = 100 * (metrics["mIoU"] - torch_metrics["mIoU"])
     print(f"ONNX Runtime FP32: mIoU {100 * metrics['mIoU']:.2f}% ({delta:+.3f} vs PyTorch), "
           f"pixel agreement with PyTorch {100 * agreement:.4f}%, median latency "

@@ -68,32 +68,18 @@ def rows_as_json(rows: list[BenchmarkRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def _evaluate(runner, data_config, samples, reference_labels: dict | None):
-    from lrformer_edge.evaluation import confusion_of
-    from lrformer_edge.pipeline import SegmentationPipeline
-
-    agreements = []
-
-    def compare(sample, prediction):
-        if reference_labels is not None:
-            agreements.append(float((reference_labels[sample.name] == prediction.labels).mean()))
-        else:
-            reference_labels_out[sample.name] = prediction.labels
-
-    reference_labels_out: dict = {}
-    pipeline = SegmentationPipeline(runner, data_config)
-    matrix, _ = confusion_of(pipeline, samples, compare)
-    agreement = float(np.mean(agreements)) if agreements else 1.0
-    return matrix.compute()["mIoU"], agreement, reference_labels_out
-
-
 def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations: int = 30,
                   warmup: int = 5, calibration_images: int = 300, calibration_source: str = "procedural",
                   threads: int | None = None, log=print) -> list[BenchmarkRow]:
     """Export to every format available here, then measure each backend in this one process."""
     from pathlib import Path
 
-    from lrformer_edge.evaluation import procedural_validation_samples
+    from lrformer_edge.evaluation import (
+        evaluate_pipeline,
+        keep_labels,
+        procedural_validation_samples,
+    )
+    from lrformer_edge.pipeline import SegmentationPipeline
     from lrformer_edge.export.onnx import export_onnx, parity_inputs
     from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
     from lrformer_edge.runners.torch import TorchRunner
@@ -145,15 +131,18 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
             row.median_ms, row.p90_ms, row.p99_ms = (stats["median_ms"], stats["p90_ms"],
                                                       stats["p99_ms"])
             row.fps = 1000.0 / stats["mean_ms"]
-            miou, agreement, labels = _evaluate(runner, data, samples(), reference_labels)
+            labels: dict = {}
+            metrics = evaluate_pipeline(SegmentationPipeline(runner, data), samples(),
+                                        keep_labels(labels), reference_labels)
         if backend == "openvino":
             throughput_runner = make_runner()
             throughput_runner.mode = "throughput"
             with throughput_runner:
                 row.fps = throughput_runner.throughput(feed)
-        if reference_labels is None:
+        if reference_labels is None:  # the first row, PyTorch, is the ground truth
             reference_labels, base_median = labels, row.median_ms
-        row.miou, row.agreement_vs_pytorch = miou, agreement
+        row.miou = metrics["mIoU"]
+        row.agreement_vs_pytorch = metrics.get("pixel_agreement", 1.0)
         row.speedup_vs_pytorch = base_median / row.median_ms
         if artifact is not None:
             files = [artifact, artifact.with_suffix(".bin")]

@@ -32,10 +32,30 @@ def confusion_of(pipeline, samples: Iterable[Sample],
     return matrix, seconds
 
 
-def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None) -> dict:
-    """mIoU & co. of ``pipeline`` over ``samples``; ``on_prediction(sample, prediction)`` sees each."""
-    matrix, seconds = confusion_of(pipeline, samples, on_prediction)
+def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None,
+                      reference_labels: dict | None = None) -> dict:
+    """mIoU & co. of ``pipeline`` over ``samples``; ``on_prediction(sample, prediction)`` sees each.
+
+    With ``reference_labels`` (sample name -> label map, e.g. the PyTorch model's predictions)
+    the result also holds ``pixel_agreement``, the mean fraction of pixels labelled the same.
+    """
+    agreements = []
+
+    def observe(sample, prediction):
+        if reference_labels is not None:
+            agreements.append(float((reference_labels[sample.name] == prediction.labels).mean()))
+        if on_prediction is not None:
+            on_prediction(sample, prediction)
+
+    matrix, seconds = confusion_of(pipeline, samples, observe)
     metrics = matrix.compute()
     metrics["images"] = len(seconds)
     metrics["inference_seconds"] = seconds
+    if reference_labels is not None:
+        metrics["pixel_agreement"] = sum(agreements) / max(1, len(agreements))
     return metrics
+
+
+def keep_labels(into: dict):
+    """An ``on_prediction`` callback storing each prediction's labels by sample name."""
+    return lambda sample, prediction: into.__setitem__(sample.name, prediction.labels)

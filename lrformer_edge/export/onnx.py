@@ -74,20 +74,19 @@ def parity_inputs(input_size, batch: int = 1, seed: int = 0) -> np.ndarray:
     return torch.randn(batch, 3, *input_size, generator=generator).numpy()
 
 
-def check_parity(model, onnx_path: Path, feed: np.ndarray,
-                 thresholds: ParityThresholds | None) -> Agreement:
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
-
+def check_parity(model, runner, feed: np.ndarray, thresholds: ParityThresholds | None,
+                 name: str) -> Agreement:
+    """Compare ``runner`` (not yet active) with the PyTorch ``model`` on ``feed``; raise
+    ``ParityError`` naming ``name`` when a threshold is crossed."""
     with torch.no_grad():
         reference = model(torch.from_numpy(feed)).numpy()
-    with OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"]) as runner:
+    with runner:
         candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
     agreement = compare_logits(reference, candidate)
     if thresholds is not None:
         problems = thresholds.violations(agreement)
         if problems:
-            raise ParityError(f"{onnx_path.name} disagrees with the PyTorch model: "
-                              + "; ".join(problems))
+            raise ParityError(f"{name} disagrees with the PyTorch model: " + "; ".join(problems))
     return agreement
 
 
@@ -137,8 +136,12 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
         onnx.checker.check_model(graph, full_check=True)
         checked = Path(tmp) / "checked.onnx"
         onnx.save(graph, str(checked))
-        agreement = check_parity(deployed, checked, example.numpy(), parity) \
-            if parity is not None else None
+        agreement = None
+        if parity is not None:
+            from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+
+            runner = OnnxRuntimeRunner(checked, providers=["CPUExecutionProvider"])
+            agreement = check_parity(deployed, runner, example.numpy(), parity, output.name)
         atomic_write(output, lambda tmp_path: Path(tmp_path).write_bytes(checked.read_bytes()))
     return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
                         decode_metadata(metadata))

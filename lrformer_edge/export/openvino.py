@@ -14,19 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import (
-    INPUT_NAME,
     OUTPUT_NAME,
     ExportResult,
-    ParityError,
     ParityThresholds,
+    check_parity,
     export_onnx,
     parity_inputs,
 )
-from lrformer_edge.metrics import compare_logits
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.runners.base import require
 from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
@@ -79,7 +76,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         (staging / "model.onnx").unlink()
         feed = calibration.batches[0] if precision == "int8" else \
             parity_inputs(input_size, batch_size or 1)
-        agreement = ir_parity(model, xml, input_size, feed, parity)
+        agreement = check_parity(to_deploy(model, input_size), OpenVINORunner(xml, precision="f32"),
+                                 feed, parity, xml.name)
         compiles_under_every_hint(xml)
         _replace_dir(staging, output_dir)
     except BaseException:
@@ -87,18 +85,6 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         raise
     return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
                         decode_metadata(metadata))
-
-
-def ir_parity(model, xml: Path, input_size, feed: np.ndarray, thresholds: ParityThresholds):
-    with torch.no_grad():
-        reference = to_deploy(model, input_size)(torch.from_numpy(feed)).numpy()
-    with OpenVINORunner(xml, precision="f32") as runner:
-        candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
-    agreement = compare_logits(reference, candidate)
-    problems = thresholds.violations(agreement)
-    if problems:
-        raise ParityError(f"{xml.name} disagrees with the PyTorch model: " + "; ".join(problems))
-    return agreement
 
 
 def compiles_under_every_hint(xml: Path) -> None:
