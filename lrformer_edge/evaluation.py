@@ -59,3 +59,28 @@ def evaluate_pipeline(pipeline, samples: Iterable[Sample], on_prediction=None,
 def keep_labels(into: dict):
     """An ``on_prediction`` callback storing each prediction's labels by sample name."""
     return lambda sample, prediction: into.__setitem__(sample.name, prediction.labels)
+
+
+def against_ground_truth(model, pipeline, samples: Iterable[Sample],
+                         input_size: tuple[int, int]) -> dict:
+    """mIoU of ``pipeline`` and of the FP32 PyTorch ``model`` (the ground truth) on the same
+    samples, the mIoU delta in points and the pixel agreement between the two."""
+    from lrformer_edge.pipeline import SegmentationPipeline
+
+    samples = list(samples)
+    reference_labels: dict = {}
+    with SegmentationPipeline.from_model(model, input_size) as reference:
+        truth = evaluate_pipeline(reference, samples, keep_labels(reference_labels))
+    with pipeline:
+        candidate = evaluate_pipeline(pipeline, samples, reference_labels=reference_labels)
+    return {"images": len(samples), "reference_mIoU": truth["mIoU"], "mIoU": candidate["mIoU"],
+            "mIoU_delta_points": 100 * (candidate["mIoU"] - truth["mIoU"]),
+            "pixel_agreement": candidate["pixel_agreement"],
+            "median_ms": 1000 * sorted(candidate["inference_seconds"])[len(samples) // 2]}
+
+
+def describe_against_ground_truth(result: dict, name: str) -> str:
+    return (f"{name} on {result['images']} procedural validation images: mIoU "
+            f"{100 * result['mIoU']:.2f} vs {100 * result['reference_mIoU']:.2f} FP32 PyTorch "
+            f"({result['mIoU_delta_points']:+.2f} points), pixel agreement "
+            f"{100 * result['pixel_agreement']:.2f}%, median {result['median_ms']:.0f} ms")

@@ -26,7 +26,11 @@ MIN_OPSET = 17  # LayerNormalization
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-class ParityError(RuntimeError):
+class ArtifactCheckError(RuntimeError):
+    """An artifact failed a check before it was written (so nothing was written)."""
+
+
+class ParityError(ArtifactCheckError):
     """An exported artifact disagrees with the PyTorch ground truth beyond the tolerance."""
 
 

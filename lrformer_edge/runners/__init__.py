@@ -1,7 +1,8 @@
 """Runners: one interface (``with runner: runner.infer(feed)``) over every backend.
 
 ``load_runner(path)`` picks the backend from the artifact: a PyTorch checkpoint (``.pth``,
-``.pt``, ``.safetensors``), an ONNX model (``.onnx``) or an OpenVINO IR (``.xml`` or its folder). SDKs are imported only when used.
+``.pt``, ``.safetensors``), an ONNX model (``.onnx``) or an OpenVINO IR (``.xml`` or its folder) or a
+TensorRT engine (``.engine``/``.plan`` with its JSON sidecar). SDKs are imported only when used.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lrformer_edge.runners.base import (
 )
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+TENSORRT_SUFFIXES = (".engine", ".plan")
 
 
 def load_runner(path: str | Path, variant: str | None = None, **options) -> Runner:
@@ -41,8 +43,13 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
         from lrformer_edge.runners.openvino import OpenVINORunner
 
         return OpenVINORunner(path, **options)
+    if path.suffix in TENSORRT_SUFFIXES:
+        from lrformer_edge.runners.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(path, **options)
     raise ValueError(f"cannot tell which backend runs {path}: expected one of "
-                     f"{', '.join(TORCH_SUFFIXES + ('.onnx', '.xml'))} or an OpenVINO IR folder")
+                     f"{', '.join(TORCH_SUFFIXES + ('.onnx', '.xml') + TENSORRT_SUFFIXES)} "
+                     f"or an OpenVINO IR folder")
 
 
 __all__ = ["MissingDependencyError", "Runner", "RunnerInputError", "RunnerStateError",

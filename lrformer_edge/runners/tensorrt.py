@@ -1,0 +1,125 @@
+"""TensorRT runner: deserialises an engine built by ``export.tensorrt.build_engine``.
+
+Device buffers and the CUDA stream come from PyTorch (a CUDA build of torch is on every machine
+that runs TensorRT with this toolkit, Jetson included), which spares a pycuda / cuda-python
+dependency. ``settings`` reports the TensorRT version, GPU and the engine's precision; the
+per-call time covers host-to-device copy, execution and device-to-host copy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lrformer_edge.runners.base import Runner, TensorSpec, require
+
+_TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64",
+                 "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+class TensorRTRunner(Runner):
+    backend = "tensorrt"
+
+    def __init__(self, path: str | Path, device: int = 0, name: str | None = None):
+        super().__init__(name or f"tensorrt:{Path(path).name}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"engine {self.path} does not exist")
+        self.device_index = device
+        self._engine = self._context = self._stream = None
+        self._buffers: dict = {}
+
+    # -- description (from the sidecar, readable without a GPU)
+    @property
+    def sidecar(self) -> dict:
+        from lrformer_edge.export.tensorrt import read_sidecar
+
+        return read_sidecar(self.path)
+
+    @property
+    def metadata(self) -> dict:
+        from lrformer_edge.export.metadata import decode_metadata
+
+        return decode_metadata(self.sidecar["metadata"])
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        if self._engine is None:
+            size = self.metadata.get("input_size", [None, None])
+            return [TensorSpec("input", "float32", (1, 3, *size))]
+        return [self._spec(name) for name in self._tensor_names(input_tensors=True)]
+
+    @property
+    def output_names(self) -> list[str]:
+        if self._engine is None:
+            return ["logits"]
+        return self._tensor_names(input_tensors=False)
+
+    @property
+    def settings(self) -> dict:
+        sidecar = self.sidecar
+        return {"tensorrt": sidecar.get("tensorrt_version"), "gpu": sidecar.get("gpu"),
+                "precision": sidecar.get("precision"), "dla_core": sidecar.get("dla_core"),
+                "strongly_typed": sidecar.get("strongly_typed")}
+
+    # -- lifecycle
+    def _activate(self) -> None:
+        trt = require("tensorrt", "tensorrt", "the TensorRT runner (x86: pip install tensorrt; "
+                                              "Jetson: the system TensorRT)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the TensorRT runner needs an NVIDIA GPU and a CUDA build of "
+                               "PyTorch; torch.cuda.is_available() is False here")
+        torch.cuda.set_device(self.device_index)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self._engine is None:
+            raise RuntimeError(f"TensorRT {trt.__version__} could not deserialise {self.path}; "
+                               f"engines only run on the TensorRT version and GPU model that "
+                               f"built them (see {self.path.name}.json)")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+        for name in self._tensor_names(True) + self._tensor_names(False):
+            spec = self._spec(name)
+            self._buffers[name] = torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype),
+                                              device="cuda")
+            self._context.set_tensor_address(name, self._buffers[name].data_ptr())
+
+    def _deactivate(self) -> None:
+        self._buffers.clear()
+        self._context = self._engine = self._stream = None
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.cuda.stream(self._stream):
+            for name, value in feed.items():
+                self._buffers[name].copy_(torch.from_numpy(value), non_blocking=True)
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution of {self.path.name} failed")
+            outputs = {name: self._buffers[name].cpu() for name in self.output_names}
+        self._stream.synchronize()
+        return {name: value.numpy().astype(np.float32, copy=False)
+                for name, value in outputs.items()}
+
+    # -- engine introspection (TensorRT 10/11 named-tensor API)
+    def _tensor_names(self, input_tensors: bool) -> list[str]:
+        import tensorrt as trt
+
+        wanted = trt.TensorIOMode.INPUT if input_tensors else trt.TensorIOMode.OUTPUT
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        return [n for n in names if self._engine.get_tensor_mode(n) == wanted]
+
+    def _spec(self, name: str) -> TensorSpec:
+        dtype = self._engine.get_tensor_dtype(name).name
+        shape = tuple(int(d) if d >= 0 else None for d in self._engine.get_tensor_shape(name))
+        return TensorSpec(name, _TRT_TO_NUMPY.get(dtype, dtype.lower()), shape)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, {"float32": "float32", "float16": "float16", "int32": "int32",
+                           "int64": "int64", "int8": "int8", "uint8": "uint8",
+                           "bool": "bool"}[name])
