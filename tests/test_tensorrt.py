@@ -185,7 +185,7 @@ def test_engine_runner_reports_what_it_needs(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not an engine")
     with pytest.raises(ValueError, match="has no sidecar"):
-        load_runner(engine).metadata
+        _ = load_runner(engine).metadata
     if NO_TENSORRT is not None:
         runner = load_runner(engine)
         with pytest.raises((MissingDependencyError, RuntimeError),
