@@ -4,7 +4,9 @@
     python deploy/benchmark.py --variant lrformer-t --checkpoint CKPT --input-size 512 1024
 
 Rows: PyTorch eager FP32 (the ground truth), ONNX Runtime FP32, OpenVINO FP32 / BF16 / INT8
-(NNCF PTQ) / INT8 with BF16 for the float parts. Per row: latency median / p90 / p99 after
+(NNCF PTQ) / INT8 with BF16 for the float parts; with --all also OpenVINO FP16, the TensorRT FP16
+and Q/DQ INT8 ONNX files run by ONNX Runtime, TensorRT engines (where TensorRT and a GPU exist)
+and CoreML, each listed with its status (skipped rows say what they need). Per row: latency median / p90 / p99 after
 warm-up, throughput, speed-up over PyTorch (ratio of medians, same process), mIoU on held-out
 procedural scenes and pixel agreement with PyTorch. Writes benchmark.md and benchmark.json.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lrformer_edge.benchmark import markdown_table, rows_as_json, run_benchmark
-from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.files import atomic_write
 from lrformer_edge.models.deploy import check_input_size
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
@@ -38,6 +40,10 @@ def main(argv=None) -> int:
                         help="calibration images: dataset root, image folder or 'procedural'")
     parser.add_argument("--calib-images", type=int, default=300)
     parser.add_argument("--threads", type=int, help="inference threads for ORT/OpenVINO")
+    parser.add_argument("--all", action="store_true",
+                        help="every format available here: adds OpenVINO FP16, the TensorRT FP16 "
+                             "and Q/DQ INT8 ONNX (ONNX Runtime), TensorRT engines where TensorRT "
+                             "and a GPU exist, CoreML (listed as skipped where it cannot run)")
     parser.add_argument("--output", default="outputs/benchmark")
     args = parser.parse_args(argv)
     try:
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {error}\n")
     output = Path(args.output)
     rows = run_benchmark(model, size, output / "artifacts", args.eval_images, args.iterations,
-                         args.warmup, args.calib_images, args.calib_data, args.threads)
+                         args.warmup, args.calib_images, args.calib_data, args.threads,
+                         all_formats=args.all)
     title = (f"{model.config.name} at {size[0]}x{size[1]}, batch 1, {platform.processor() or 'cpu'}"
              f", {torch.get_num_threads()} threads, {args.eval_images} held-out scenes")
     table = markdown_table(rows, title)

@@ -24,7 +24,7 @@ import numpy as np
 
 from lrformer_edge.data.postprocess import colorize
 from lrformer_edge.evaluation import evaluate_pipeline, keep_labels, procedural_validation_samples
-from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.files import atomic_write
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden

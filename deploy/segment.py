@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 
 from lrformer_edge.data.datasets import DatasetError, read_image
-from lrformer_edge.models.checkpoint import atomic_write
+from lrformer_edge.files import atomic_write
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.registry import BUNDLED_MODEL, list_models

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                              "set the ONNX was calibrated with")
     parser.add_argument("--calib-images", type=int, default=300, help="int8: calibration images")
     parser.add_argument("--seed", type=int, default=0, help="int8: calibration sampling seed")
+    parser.add_argument("--qat-checkpoint", type=Path, metavar="CKPT",
+                        help="int8: take Q/DQ from a QAT checkpoint of calibration/qat.py "
+                             "instead of post-training calibration")
     parser.add_argument("--onnx-only", action="store_true",
                         help="stop after the TensorRT-ready ONNX (success without TensorRT)")
     parser.add_argument("--from-onnx", type=Path, help="build from an ONNX written by step 1")
@@ -68,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--calib-data applies to --int8 only")
     if args.from_onnx and args.input_size:
         parser.error("--input-size is fixed by the ONNX given with --from-onnx")
+    if args.qat_checkpoint and (args.precision != "int8" or args.from_onnx or args.calib_data
+                                or args.input_size):
+        parser.error("--qat-checkpoint goes with --int8 only (its input size and quantizers come "
+                     "from the checkpoint; no --from-onnx, --calib-data or --input-size)")
     if args.validate is not None and args.validate < 1:
         parser.error("--validate needs a positive number of images")
     return args
@@ -116,6 +123,8 @@ def step_onnx(args):
                                                                    metadata["input_size"]))
             print("calibration data matches the set recorded in the ONNX")
         return metadata
+    if args.qat_checkpoint:
+        return _qat_onnx(args)
     model = _model(args)
     size = tuple(args.input_size) if args.input_size else model.config.data.native_size
     calibration = _calibration(args, model.config.data, size) if args.precision == "int8" else None
@@ -131,6 +140,20 @@ def step_onnx(args):
     return result.metadata
 
 
+def _qat_onnx(args) -> dict:
+    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.quant.qat import export_qat_qdq_onnx, restore
+
+    quantized, payload = restore(args.qat_checkpoint)
+    size = tuple(payload["input_size"])
+    print(f"exporting the QAT model {args.qat_checkpoint} ({payload['variant']}, "
+          f"{size[0]}x{size[1]}, iteration {payload['iteration']}) to a Q/DQ TensorRT ONNX")
+    feed = build_calibration_set("procedural", quantized.config.data, size, 1, seed=123).batches[0]
+    result = export_qat_qdq_onnx(quantized, payload, _onnx_path(args), feed)
+    print(result.summary().replace("parity vs PyTorch", "parity vs the QAT fake-quant model"))
+    return result.metadata
+
+
 def validate(args, pipeline, name: str, metadata: dict) -> None:
     from lrformer_edge.evaluation import (
         against_ground_truth,
@@ -139,6 +162,9 @@ def validate(args, pipeline, name: str, metadata: dict) -> None:
     )
 
     model = _model(args)
+    if args.qat_checkpoint and not args.checkpoint and metadata.get("variant") != args.variant:
+        raise ValueError(f"the QAT model is a {metadata.get('variant')}; name --variant (and "
+                         f"--checkpoint) of its FP32 model for --validate")
     if (model.checkpoint_sha256 or "none (untrained)") != metadata.get("checkpoint_sha256"):
         raise ValueError(f"--validate compares with the PyTorch model the artifact was exported "
                          f"from; the artifact records checkpoint {metadata.get('checkpoint_sha256')}"

@@ -1,13 +1,15 @@
 """Latency, throughput and accuracy of several backends measured side by side in one run.
 
-Latency: median / p90 / p99 of single-image synchronous calls after warm-up; speed-ups are
-ratios of medians taken in the same process, since these machines are noisy. Throughput: frames
+Latency: median / p90 / p99 of single-image synchronous calls after warm-up, measured
+round-robin across backends (one call of each per round) so that load drift on these noisy
+machines affects all alike; speed-ups are ratios of those medians. Throughput: frames
 per second with every parallel request busy (OpenVINO's throughput mode), or 1 / mean latency for
 synchronous backends.
 """
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ class BenchmarkRow:
     backend: str
     precision: str
     status: str = "ok"
+    format: str = ""
     median_ms: float | None = None
     p90_ms: float | None = None
     p99_ms: float | None = None
@@ -33,16 +36,28 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def measure_latency(runner, feed: dict, warmup: int = 5, iterations: int = 30) -> dict:
-    """Per-call latency statistics (ms) of an active runner."""
-    for _ in range(warmup):
-        runner.infer(feed)
-    runner.timings.clear()
+def measure_interleaved(runners: list, feed: dict, warmup: int = 5, iterations: int = 30,
+                        settle_seconds: float = 0.2) -> list[dict]:
+    """Latency statistics of several active runners, measured round-robin: one call of each per
+    round, so drifting machine load (these machines are noisy) hits every backend alike and the
+    ratios between them are fair. Between calls the machine rests ``settle_seconds``: ONNX
+    Runtime's and OpenVINO's worker threads spin for a while after a call and would otherwise
+    steal the cores from the next backend."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.infer(feed)
+        runner.timings.clear()
     for _ in range(iterations):
-        runner.infer(feed)
-    times = [1000 * t for t in runner.timings]
-    return {"median_ms": statistics.median(times), "p90_ms": percentile(times, 90),
-            "p99_ms": percentile(times, 99), "mean_ms": statistics.fmean(times)}
+        for runner in runners:
+            time.sleep(settle_seconds)
+            runner.infer(feed)
+    stats = []
+    for runner in runners:
+        times = [1000 * t for t in runner.timings]
+        stats.append({"median_ms": statistics.median(times), "p90_ms": percentile(times, 90),
+                      "p99_ms": percentile(times, 99), "mean_ms": statistics.fmean(times)})
+        runner.timings.clear()
+    return stats
 
 
 def markdown_table(rows: list[BenchmarkRow], title: str) -> str:
@@ -50,12 +65,12 @@ def markdown_table(rows: list[BenchmarkRow], title: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [f"### {title}", "",
-             "| backend | precision | status | median ms | p90 ms | p99 ms | FPS | speed-up vs PyTorch "
-             "| mIoU % | agreement vs PyTorch % | size MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | backend | precision | status | median ms | p90 ms | p99 ms | FPS | "
+             "speed-up vs PyTorch | mIoU % | agreement vs PyTorch % | size MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.backend} | {r.precision} | {r.status} | {cell(r.median_ms, '.1f')} | "
+            f"| {r.format} | {r.backend} | {r.precision} | {r.status} | {cell(r.median_ms, '.1f')} | "
             f"{cell(r.p90_ms, '.1f')} | {cell(r.p99_ms, '.1f')} | {cell(r.fps, '.2f')} | "
             f"{cell(r.speedup_vs_pytorch, '.2f')} | "
             f"{cell(None if r.miou is None else 100 * r.miou, '.2f')} | "
@@ -68,10 +83,94 @@ def rows_as_json(rows: list[BenchmarkRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+@dataclass
+class Candidate:
+    format: str
+    backend: str
+    precision: str
+    make_runner: object = None  # () -> Runner; None when skipped
+    artifact: object = None
+    status: str = "ok"
+
+
+def _artifact_mib(artifact) -> float | None:
+    if artifact is None:
+        return None
+    files = [artifact, artifact.with_suffix(".bin")]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log):
+    from lrformer_edge.export.openvino import export_openvino
+    from lrformer_edge.runners.openvino import OpenVINORunner
+
+    log("exporting OpenVINO FP32 IR")
+    irs = {"fp32": export_openvino(model, work_dir / "openvino-fp32", input_size, "fp32").path}
+    if all_formats:
+        log("exporting OpenVINO FP16 IR")
+        irs["fp16"] = export_openvino(model, work_dir / "openvino-fp16", input_size, "fp16").path
+    log("quantizing to OpenVINO INT8 (NNCF PTQ)")
+    irs["int8"] = export_openvino(model, work_dir / "openvino-int8", input_size, "int8",
+                                  calibration=calibration()).path
+    runs = [("fp32", "fp32", "f32"), ("bf16", "fp32", "bf16")]
+    runs += [("fp16", "fp16", "f32")] if all_formats else []
+    runs += [("int8", "int8", "f32"), ("int8+bf16", "int8", "bf16")]
+    return [Candidate("OpenVINO IR", "openvino", name,
+                      lambda p=irs[weights], h=hint: OpenVINORunner(p, precision=h, threads=threads),
+                      irs[weights]) for name, weights, hint in runs]
+
+
+def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log):
+    """TensorRT-ready ONNX (run by ONNX Runtime here) and, where possible, engines."""
+    from lrformer_edge.export.tensorrt import (
+        build_engine,
+        export_tensorrt_onnx,
+        tensorrt_unavailable_reason,
+    )
+    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+
+    candidates, onnx_files = [], {}
+    for precision in ("fp16", "int8"):
+        log(f"exporting the {precision} TensorRT ONNX")
+        path = work_dir / f"tensorrt-{precision}.onnx"
+        export_tensorrt_onnx(model, path, input_size, precision,
+                             calibration() if precision == "int8" else None)
+        onnx_files[precision] = path
+        candidates.append(Candidate(f"ONNX for TensorRT ({'Q/DQ' if precision == 'int8' else 'FP16'})",
+                                    "onnxruntime", precision,
+                                    lambda p=path: OnnxRuntimeRunner(p, threads=threads), path))
+    reason = tensorrt_unavailable_reason()
+    for precision, path in onnx_files.items():
+        if reason:
+            candidates.append(Candidate("TensorRT engine", "tensorrt", precision,
+                                        status=f"skipped: {reason}"))
+            continue
+        from lrformer_edge.runners.tensorrt import TensorRTRunner
+
+        log(f"building the {precision} TensorRT engine")
+        engine = build_engine(path, work_dir / f"tensorrt-{precision}.engine").path
+        candidates.append(Candidate("TensorRT engine", "tensorrt", precision,
+                                    lambda e=engine: TensorRTRunner(e), engine))
+    return candidates
+
+
+def _coreml_candidate() -> Candidate:
+    import sys
+
+    reason = ("CoreML prediction needs macOS" if sys.platform != "darwin" else
+              "no CoreML exporter in this version")
+    return Candidate("CoreML", "coreml", "fp16", status=f"skipped: {reason}")
+
+
 def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations: int = 30,
                   warmup: int = 5, calibration_images: int = 300, calibration_source: str = "procedural",
-                  threads: int | None = None, log=print) -> list[BenchmarkRow]:
-    """Export to every format available here, then measure each backend in this one process."""
+                  threads: int | None = None, log=print, all_formats: bool = False) -> list[BenchmarkRow]:
+    """Export to every format available here, then measure each backend in this one process.
+
+    ``all_formats`` adds OpenVINO FP16, the FP16 and Q/DQ INT8 TensorRT ONNX files (run by ONNX
+    Runtime), TensorRT engines where TensorRT and a GPU exist, and CoreML (listed as skipped
+    with the reason where it cannot run).
+    """
     from pathlib import Path
 
     from lrformer_edge.evaluation import (
@@ -79,73 +178,83 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
         keep_labels,
         procedural_validation_samples,
     )
-    from lrformer_edge.pipeline import SegmentationPipeline
     from lrformer_edge.export.onnx import export_onnx, parity_inputs
+    from lrformer_edge.pipeline import SegmentationPipeline
     from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
     from lrformer_edge.runners.torch import TorchRunner
 
     work_dir = Path(work_dir)
     data = model.config.data
     feed = {"input": parity_inputs(input_size)}
-    rows: list[BenchmarkRow] = []
+    calibration_cache = []
+
+    def calibration():
+        if not calibration_cache:
+            from lrformer_edge.quant.calibration import build_calibration_set
+
+            log(f"building a {calibration_images}-image calibration set from {calibration_source}")
+            calibration_cache.append(build_calibration_set(calibration_source, data, input_size,
+                                                           calibration_images))
+        return calibration_cache[0]
 
     def samples():
         return procedural_validation_samples(eval_images, tuple(input_size))
 
-    candidates = [("pytorch", "fp32", lambda: TorchRunner(model, input_size=input_size), None)]
+    candidates = [Candidate("PyTorch", "pytorch", "fp32",
+                            lambda: TorchRunner(model, input_size=input_size))]
     onnx_path = work_dir / "model.onnx"
     log(f"exporting ONNX to {onnx_path}")
     export_onnx(model, onnx_path, input_size)
-    candidates.append(("onnxruntime", "fp32",
-                       lambda: OnnxRuntimeRunner(onnx_path, threads=threads), onnx_path))
+    candidates.append(Candidate("ONNX", "onnxruntime", "fp32",
+                                lambda: OnnxRuntimeRunner(onnx_path, threads=threads), onnx_path))
     try:
-        from lrformer_edge.export.openvino import export_openvino
-        from lrformer_edge.quant.calibration import build_calibration_set
-        from lrformer_edge.runners.openvino import OpenVINORunner
-
-        log("exporting OpenVINO FP32 IR")
-        fp32_ir = export_openvino(model, work_dir / "openvino-fp32", input_size, "fp32").path
-        log(f"building a {calibration_images}-image calibration set from {calibration_source}")
-        calibration = build_calibration_set(calibration_source, data, input_size,
-                                            calibration_images)
-        log("quantizing to OpenVINO INT8 (NNCF PTQ)")
-        int8_ir = export_openvino(model, work_dir / "openvino-int8", input_size, "int8",
-                                  calibration=calibration).path
-        for precision, path, hint in (("fp32", fp32_ir, "f32"), ("bf16", fp32_ir, "bf16"),
-                                      ("int8", int8_ir, "f32"), ("int8+bf16", int8_ir, "bf16")):
-            candidates.append(("openvino", precision,
-                               lambda p=path, h=hint: OpenVINORunner(p, precision=h, threads=threads),
-                               path))
+        candidates += _openvino_candidates(model, input_size, work_dir, calibration, threads,
+                                           all_formats, log)
     except ImportError as missing:
-        rows.append(BenchmarkRow("openvino", "all", status=f"skipped: {missing}"))
+        candidates.append(Candidate("OpenVINO IR", "openvino", "all", status=f"skipped: {missing}"))
+    if all_formats:
+        try:
+            candidates += _tensorrt_candidates(model, input_size, work_dir, calibration, threads,
+                                               log)
+        except ImportError as missing:
+            candidates.append(Candidate("ONNX for TensorRT", "onnxruntime", "int8",
+                                        status=f"skipped: {missing}"))
+        candidates.append(_coreml_candidate())
 
-    reference_labels = None
-    base_median = None
-    for backend, precision, make_runner, artifact in candidates:
-        log(f"measuring {backend} {precision}")
-        row = BenchmarkRow(backend, precision)
-        runner = make_runner()
-        with runner:
+    rows = [BenchmarkRow(c.backend, c.precision, c.status, c.format,
+                         size_mib=_artifact_mib(c.artifact)) for c in candidates]
+    measured = [(row, c) for row, c in zip(rows, candidates) if c.make_runner is not None]
+    runners = [c.make_runner() for _, c in measured]
+    try:
+        for runner in runners:
+            runner.activate()
+        log(f"measuring latency of {len(runners)} backends round-robin "
+            f"({warmup} warm-up + {iterations} calls each)")
+        for (row, _), runner, stats in zip(measured, runners,
+                                           measure_interleaved(runners, feed, warmup, iterations)):
             row.settings = runner.settings
-            stats = measure_latency(runner, feed, warmup, iterations)
             row.median_ms, row.p90_ms, row.p99_ms = (stats["median_ms"], stats["p90_ms"],
                                                       stats["p99_ms"])
             row.fps = 1000.0 / stats["mean_ms"]
-            labels: dict = {}
+    finally:
+        for runner in runners:
+            runner.deactivate()
+    reference_labels = None
+    base_median = measured[0][0].median_ms
+    for (row, candidate), runner in zip(measured, runners):
+        log(f"accuracy of {candidate.format} {candidate.precision}")
+        labels: dict = {}
+        with runner:
             metrics = evaluate_pipeline(SegmentationPipeline(runner, data), samples(),
                                         keep_labels(labels), reference_labels)
-        if backend == "openvino":
-            throughput_runner = make_runner()
+        if candidate.backend == "openvino":
+            throughput_runner = candidate.make_runner()
             throughput_runner.mode = "throughput"
             with throughput_runner:
                 row.fps = throughput_runner.throughput(feed)
         if reference_labels is None:  # the first row, PyTorch, is the ground truth
-            reference_labels, base_median = labels, row.median_ms
+            reference_labels = labels
         row.miou = metrics["mIoU"]
         row.agreement_vs_pytorch = metrics.get("pixel_agreement", 1.0)
         row.speedup_vs_pytorch = base_median / row.median_ms
-        if artifact is not None:
-            files = [artifact, artifact.with_suffix(".bin")]
-            row.size_mib = sum(f.stat().st_size for f in files if f.is_file()) / 2**20
-        rows.append(row)
     return rows

@@ -5,6 +5,7 @@ differences between backends come from the backend alone.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ class Prediction:
     logits: np.ndarray  # (1, C, h, w) at network input size
     input_size: tuple[int, int]
     inference_seconds: float
+    preprocess_seconds: float = 0.0
+    postprocess_seconds: float = 0.0
 
 
 class SegmentationPipeline:
@@ -60,6 +63,7 @@ class SegmentationPipeline:
         self.runner.deactivate()
 
     def predict(self, image) -> Prediction:
+        start = time.perf_counter()
         prepared = preprocess(image, self.data.mean, self.data.std, self.data.test_scale,
                               self.data.size_divisor, self.input_size)
         activated_here = not self.runner.active
@@ -70,9 +74,13 @@ class SegmentationPipeline:
         finally:
             if activated_here:
                 self.runner.deactivate()
+        inferred = time.perf_counter()
         logits = outputs[self.runner.output_names[0]]
         labels = logits_to_labels(logits, prepared.original_size)
-        return Prediction(labels, logits, prepared.input_size, self.runner.last_inference_time)
+        inference = self.runner.last_inference_time
+        preprocessing = inferred - start - inference
+        return Prediction(labels, logits, prepared.input_size, inference, preprocessing,
+                          time.perf_counter() - inferred)
 
     def __call__(self, image) -> np.ndarray:
         return self.predict(image).labels

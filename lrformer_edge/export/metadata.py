@@ -5,8 +5,6 @@ import json
 import platform
 from datetime import datetime, timezone
 
-import torch
-
 import lrformer_edge
 
 METADATA_PREFIX = "lrformer_edge."
@@ -14,6 +12,8 @@ METADATA_PREFIX = "lrformer_edge."
 
 def artifact_metadata(model, input_size, **extra) -> dict[str, str]:
     """Flat string metadata (ONNX metadata_props, OpenVINO rt_info, CoreML user metadata)."""
+    import torch
+
     config = model.config
     data = config.data
     values = {

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.metrics import Agreement, compare_logits
-from lrformer_edge.models.checkpoint import atomic_write
-from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.files import atomic_write
 
 MAX_OPSET = 20  # newest opset TensorRT 10.x parses
 MIN_OPSET = 17  # LayerNormalization
@@ -74,6 +72,8 @@ class ExportResult:
 
 def parity_inputs(input_size, batch: int = 1, seed: int = 0) -> np.ndarray:
     """Normalised-pixel-like inputs for parity checks (deterministic)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *input_size, generator=generator).numpy()
 
@@ -82,6 +82,8 @@ def check_parity(model, runner, feed: np.ndarray, thresholds: ParityThresholds |
                  name: str) -> Agreement:
     """Compare ``runner`` (not yet active) with the PyTorch ``model`` on ``feed``; raise
     ``ParityError`` naming ``name`` when a threshold is crossed."""
+    import torch
+
     with torch.no_grad():
         reference = model(torch.from_numpy(feed)).numpy()
     with runner:
@@ -104,6 +106,9 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
     (not recommended); otherwise a violation raises ``ParityError`` and nothing is written.
     """
     import onnx
+    import torch
+
+    from lrformer_edge.models.deploy import check_input_size, to_deploy
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must lie in [{MIN_OPSET}, {MAX_OPSET}] (TensorRT 10.x parses up "

@@ -24,6 +24,7 @@ from lrformer_edge.export.onnx import (
     export_onnx,
     parity_inputs,
 )
+from lrformer_edge.files import default_file_mode
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.runners.base import require
 from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
@@ -58,6 +59,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     start = time.time()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(default_file_mode() | 0o111)  # mkdtemp makes 0700; a model folder is shared
     try:
         onnx_result = export_onnx(model, staging / "model.onnx", input_size, batch_size)
         ov_model = ov.convert_model(str(onnx_result.path))

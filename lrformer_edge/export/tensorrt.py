@@ -35,8 +35,7 @@ from lrformer_edge.export.onnx import (
     parity_inputs,
     read_onnx_metadata,
 )
-from lrformer_edge.models.checkpoint import atomic_write, file_sha256
-from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.files import atomic_write, file_sha256
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 FP16_FLOAT_OPS = ("LayerNormalization", "Softmax", "Resize")
@@ -77,7 +76,10 @@ def fold_constants(path: Path, folded: Path):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(folded)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # On Q/DQ graphs ONNX Runtime would also quantize biases to int32 DequantizeLinear nodes,
+    # which TensorRT does not take.
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["WeightBiasQuantization"])
     graph = onnx.load(str(folded))
     used = {node.domain for node in graph.graph.node} | {""}
     kept = [o for o in graph.opset_import if o.domain in used]
@@ -120,6 +122,8 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
                          calibration=None, parity: ParityThresholds | None = None) -> ExportResult:
     """Write the TensorRT-ready ONNX for ``precision`` at ``output`` (checked, then renamed)."""
     import onnx
+
+    from lrformer_edge.models.deploy import check_input_size
 
     if precision not in TRT_PRECISIONS:
         raise ValueError(f"precision must be one of {TRT_PRECISIONS}, got {precision!r}")
@@ -165,6 +169,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
 
 
 def _check(model, path, input_size, precision, calibration, parity):
+    from lrformer_edge.models.deploy import to_deploy
     from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
     thresholds = parity or {"fp16": FP16_PARITY, "int8": INT8_PARITY}.get(precision,
@@ -184,10 +189,11 @@ def tensorrt_unavailable_reason() -> str | None:
         return ("the Python package 'tensorrt' is not installed (x86: pip install tensorrt; "
                 "Jetson: use the system TensorRT from JetPack, in a venv made with "
                 "--system-site-packages)")
-    import torch
+    from lrformer_edge.runners.tensorrt import cuda_gpu_name
 
-    if not torch.cuda.is_available():
-        return "no NVIDIA GPU visible to CUDA (torch.cuda.is_available() is False)"
+    if cuda_gpu_name() is None:
+        return ("no NVIDIA GPU visible to CUDA (checked with cuda-python, else PyTorch; "
+                "pip install cuda-python on the target)")
     return None
 
 
@@ -250,7 +256,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     if reason:
         raise TensorRTUnavailable(reason)
     import tensorrt as trt
-    import torch
+
+    from lrformer_edge.runners.tensorrt import cuda_gpu_name
 
     options = options or EngineOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -279,7 +286,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (run with "
                            f"--verbose for the builder log)")
-    sidecar = engine_sidecar(onnx_path, trt.__version__, torch.cuda.get_device_name(), options,
+    sidecar = engine_sidecar(onnx_path, trt.__version__, cuda_gpu_name(), options,
                              strongly_typed=True)
     atomic_write(engine_path, lambda path: Path(path).write_bytes(bytes(serialized)))
     atomic_write(sidecar_path(engine_path),

@@ -5,13 +5,13 @@ object can be constructed, and every mismatch is reported in one readable error.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from lrformer_edge.files import atomic_write, default_file_mode, file_sha256  # noqa: F401
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 _SHOW = 8
@@ -19,14 +19,6 @@ _SHOW = 8
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -148,18 +140,3 @@ def save_mmseg_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os
     """Write ``{'meta': ..., 'state_dict': ...}`` (official layout) atomically."""
     payload = {"meta": dict(meta or {}), "state_dict": dict(state_dict), **extra}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)``, then rename into place: never a half-written artifact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -1,8 +1,10 @@
-"""Calibration sets for post-training quantization: seeded, hashed, from real images.
+"""Calibration sets for post-training quantization and QAT: seeded, stratified, hashed.
 
 Sources: a dataset root in any supported layout (its training split), a plain folder of images,
-or ``procedural`` (scenes generated from training seeds). The set's SHA-256 over the exact
-preprocessed tensors is recorded in every artifact quantized with it.
+a video file (.mp4/.avi/.mov/.mkv), or ``procedural`` (scenes generated from training seeds).
+Sampling is stratified so a set covers the whole source: images are drawn round-robin across
+sub-folders (e.g. Cityscapes cities), video frames one per equal segment of the video. The
+set's SHA-256 over the exact preprocessed tensors is recorded in every artifact made with it.
 """
 from __future__ import annotations
 
@@ -37,6 +39,41 @@ class CalibrationSet:
                 "sha256": self.sha256}
 
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+def stratified_choice(groups: dict[str, list], count: int, rng) -> list:
+    """Up to ``count`` items, drawn round-robin over shuffled groups (each group shuffled)."""
+    pools = [list(np.asarray(items, dtype=object)[rng.permutation(len(items))])
+             for _, items in sorted(groups.items()) if items]
+    order = rng.permutation(len(pools))
+    chosen = []
+    while len(chosen) < count and any(pools):
+        for index in order:
+            if pools[index] and len(chosen) < count:
+                chosen.append(pools[index].pop())
+    return chosen
+
+
+def _video_frames(path: Path, count: int, seed: int):
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if not capture.isOpened() or total < 1:
+        raise DatasetError(f"cannot read video {path} (or it has no frames)")
+    rng = np.random.default_rng(seed)
+    segments = np.linspace(0, total, min(count, total) + 1)
+    wanted = sorted({int(rng.integers(int(a), max(int(a) + 1, int(b))))
+                     for a, b in zip(segments[:-1], segments[1:])})
+    for index in wanted:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, frame = capture.read()
+        if ok:
+            yield f"{path.stem}_frame{index:06d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    capture.release()
+
+
 def _images_from(source: str, count: int, seed: int):
     if source == PROCEDURAL:
         from lrformer_edge.data.procedural import generate_scene
@@ -48,7 +85,13 @@ def _images_from(source: str, count: int, seed: int):
     root = Path(source)
     if not root.exists():
         raise DatasetError(f"calibration source {root} does not exist; give a dataset root, an "
-                           f"image folder, or '{PROCEDURAL}'")
+                           f"image folder, a video file, or '{PROCEDURAL}'")
+    if root.is_file():
+        if root.suffix.lower() not in VIDEO_SUFFIXES:
+            raise DatasetError(f"calibration source {root} is a file but not a video "
+                               f"({', '.join(VIDEO_SUFFIXES)})")
+        yield from _video_frames(root, count, seed)
+        return
     try:
         dataset = open_dataset(root, "train")
         paths = [image for image, _ in dataset.pairs]
@@ -56,10 +99,11 @@ def _images_from(source: str, count: int, seed: int):
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DatasetError(f"no images found under {root}")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(paths), size=min(count, len(paths)), replace=False)
-    for index in sorted(chosen):
-        yield paths[index].name, read_image(paths[index])
+    groups: dict[str, list] = {}
+    for path in paths:
+        groups.setdefault(str(path.parent), []).append(path)
+    for path in sorted(stratified_choice(groups, count, np.random.default_rng(seed))):
+        yield path.name, read_image(path)
 
 
 def build_calibration_set(source: str, data_config, input_size, count: int = 300,

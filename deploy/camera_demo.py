@@ -1,0 +1,115 @@
+"""Live segmentation from a camera, video, image folder or network stream, on any backend.
+
+    python deploy/camera_demo.py --artifact lrformer-int8/ --source 0 --serve 8080
+    python deploy/camera_demo.py --artifact lrformer.onnx --source clip.mp4 --output annotated.mp4
+    python deploy/camera_demo.py --artifact lrformer-int8.engine --source rtsp://cam/stream --show
+
+--artifact: an ONNX file, OpenVINO IR (.xml or folder), TensorRT engine or PyTorch checkpoint;
+default: the bundled model in PyTorch. Live sources (camera index, rtsp/http URL) always hand the
+newest frame to inference (stale frames are dropped, so there is no growing lag); files give every
+frame in order. --serve streams MJPEG over HTTP on 127.0.0.1 (name --serve-host to expose it);
+--output writes the annotated video (renamed into place when the run ends). Ctrl-C, the end of the
+stream, --max-frames or a lost camera end the run with a summary (frames, FPS, stage latencies).
+--reference-every N compares every Nth frame with the FP32 PyTorch model (the bundled one, or
+--reference CKPT) and shows the running agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lrformer_edge.live.demo import DemoOptions, run_demo
+from lrformer_edge.live.sources import SourceError
+from lrformer_edge.registry import BUNDLED_MODEL, list_models
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", help="model to run (default: the bundled PyTorch model)")
+    parser.add_argument("--variant", default=None, choices=list_models(), metavar="NAME",
+                        help="variant of a PyTorch checkpoint that does not record it")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="network input for PyTorch checkpoints (artifacts have theirs)")
+    parser.add_argument("--source", default="0", help="camera index, video file, image folder "
+                                                      "or rtsp:// / http:// URL (default 0)")
+    parser.add_argument("--output", type=Path, help="annotated video (.mp4 or .avi)")
+    parser.add_argument("--serve", type=int, metavar="PORT", help="MJPEG over HTTP on PORT")
+    parser.add_argument("--serve-host", default="127.0.0.1",
+                        help="address to bind --serve to (default 127.0.0.1: this machine only)")
+    parser.add_argument("--hold", action="store_true",
+                        help="with --serve: keep serving the last frame after the source ends, "
+                             "until Ctrl-C")
+    parser.add_argument("--show", action="store_true", help="open a window (needs a display)")
+    parser.add_argument("--max-frames", type=int, help="stop after N frames")
+    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity, 0..1")
+    parser.add_argument("--precision", choices=("f32", "bf16", "f16"),
+                        help="OpenVINO inference precision (default f32)")
+    parser.add_argument("--reference-every", type=int, default=0, metavar="N",
+                        help="compare every Nth frame with the FP32 PyTorch model")
+    parser.add_argument("--reference", help="checkpoint of the FP32 reference (default: bundled)")
+    parser.add_argument("--summary-json", type=Path, help="also write the summary as JSON")
+    args = parser.parse_args(argv)
+    if not args.output and args.serve is None and not args.show:
+        parser.error("nothing to show: give --output FILE.mp4, --serve PORT or --show")
+    if args.reference_every < 0:
+        parser.error("--reference-every must be 0 (off) or positive")
+    if args.serve is not None and not 0 <= args.serve < 65536:
+        parser.error("--serve needs a port number")
+    return args
+
+
+def build_pipeline(args):
+    from lrformer_edge.models.factory import create_model
+    from lrformer_edge.pipeline import SegmentationPipeline
+
+    if args.artifact is None:
+        return SegmentationPipeline.from_model(create_model(args.variant or BUNDLED_MODEL),
+                                               args.input_size)
+    options = {"precision": args.precision} if args.precision else {}
+    pipeline = SegmentationPipeline.from_artifact(args.artifact, **options)
+    if args.input_size:
+        pipeline.input_size = tuple(args.input_size)
+    return pipeline
+
+
+def build_reference(args, pipeline):
+    if not args.reference_every:
+        return None
+    from lrformer_edge.models.factory import create_model
+    from lrformer_edge.pipeline import SegmentationPipeline
+
+    model = create_model(args.variant or BUNDLED_MODEL, checkpoint=args.reference)
+    return SegmentationPipeline.from_model(model, pipeline.input_size)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    options = DemoOptions(source=args.source, output=args.output,
+                          serve=(args.serve_host, args.serve) if args.serve is not None else None,
+                          show=args.show, max_frames=args.max_frames, opacity=args.opacity,
+                          reference_every=args.reference_every, hold=args.hold)
+    try:
+        pipeline = build_pipeline(args)
+        reference = build_reference(args, pipeline)
+        print(f"running {pipeline.runner.name} on {args.source}", flush=True)
+        summary = run_demo(
+            pipeline, options, reference,
+            on_server_ready=lambda server: print(f"serving MJPEG at {server.url}", flush=True),
+            on_hold=lambda summary: print(f"{summary.end_reason} after {summary.frames} frames; "
+                                          f"still serving the last frame, Ctrl-C to stop",
+                                          flush=True))
+    except (SourceError, ValueError, ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,440 @@
+"""Quantization-aware training with NNCF, distilled from the FP32 model.
+
+1. The deploy form at the export size is quantized by NNCF post-training quantization (the
+   starting point); ``target="tensorrt"`` or ``"all"`` uses the quantizer rules TensorRT takes
+   (symmetric int8, per-channel weights, per-tensor activations), which OpenVINO runs as well;
+   ``"openvino"`` keeps NNCF's CPU defaults.
+2. Fine-tuning: cross-entropy on the labels plus the KL divergence to the FP32 teacher's softened
+   logits (temperature ``T``, weight ``distill_weight``), small learning rate, quantizer scales
+   trainable; mIoU on the validation split every ``val_interval`` iterations, the best kept.
+3. Checkpoints hold the NNCF config and the state dict (``nncf.torch.load_from_config`` rebuilds
+   the fake-quant model), optimizer and iteration: ``resume=True`` continues.
+Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; gloo on CPU).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrformer_edge.data.datasets import IGNORE_INDEX
+from lrformer_edge.runners.base import require
+
+QAT_TARGETS = ("openvino", "tensorrt", "all")
+CHECKPOINT_FORMAT = "lrformer-edge-qat/1"
+
+
+@dataclass
+class QATConfig:
+    data: str
+    work_dir: str
+    variant: str = "lrformer-t.procedural"
+    checkpoint: str | None = None
+    target: str = "all"
+    input_size: tuple[int, int] = (512, 512)
+    iters: int = 300
+    batch_size: int = 2  # per process
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    distill_weight: float = 1.0
+    temperature: float = 2.0
+    val_interval: int = 100
+    val_images: int = 50
+    calib_images: int = 300
+    calib_source: str | None = None  # default: the training split of --data
+    seed: int = 0
+    resume: bool = False
+    threads: int | None = None
+    log_interval: int = 10
+    extra: dict = field(default_factory=dict)
+
+
+def _nncf():
+    import logging
+
+    nncf = require("nncf", "qat", "quantization-aware training")
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    return nncf
+
+
+def quantizer_parameters(target: str) -> dict:
+    """Keyword arguments of ``nncf.quantize`` for ``target`` (shared by PTQ init and restore)."""
+    nncf = _nncf()
+    if target not in QAT_TARGETS:
+        raise ValueError(f"target must be one of {QAT_TARGETS}, got {target!r}")
+    advanced = {"smooth_quant_alphas": nncf.AdvancedSmoothQuantParameters(matmul=-1,
+                                                                          convolution=-1)}
+    if target in ("tensorrt", "all"):
+        advanced["activations_quantization_params"] = (
+            nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False))
+    return {"model_type": nncf.ModelType.TRANSFORMER,
+            "preset": nncf.QuantizationPreset.PERFORMANCE,
+            "advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)}
+
+
+def quantize_for_training(model, input_size, calibration, target: str):
+    """Deploy form of ``model`` at ``input_size`` -> NNCF fake-quant model (PTQ-initialised)."""
+    from lrformer_edge.models.deploy import to_deploy
+
+    nncf = _nncf()
+    deployed = to_deploy(model, input_size).eval()
+    dataset = nncf.Dataset([torch.from_numpy(b) for b in calibration.batches])
+    return nncf.quantize(deployed, dataset, subset_size=len(calibration.batches),
+                         **quantizer_parameters(target))
+
+
+def restore(checkpoint_path: str | Path, map_location="cpu"):
+    """(fake-quant model, checkpoint dict) from a QAT checkpoint written by ``train_qat``."""
+    from lrformer_edge.models.deploy import to_deploy
+    from lrformer_edge.models.factory import create_model
+
+    _nncf()
+    from nncf.torch import load_from_config
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ValueError(f"QAT checkpoint {path} does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a QAT checkpoint written by calibration/qat.py "
+                         f"(expected format {CHECKPOINT_FORMAT})")
+    model = create_model(payload["variant"], pretrained=False)
+    size = tuple(payload["input_size"])
+    deployed = to_deploy(model, size).eval()
+    quantized = load_from_config(deployed, payload["nncf_config"])
+    quantized.load_state_dict(payload["state_dict"])
+    quantized.config = model.config
+    quantized.checkpoint_sha256 = payload.get("source_checkpoint_sha256")
+    return quantized, payload
+
+
+def _save(path: Path, model, optimizer, iteration: int, best: dict, config: QATConfig,
+          variant: str, source_sha: str | None, calibration: dict) -> None:
+    import nncf.torch
+
+    from lrformer_edge.files import atomic_write
+
+    payload = {"format": CHECKPOINT_FORMAT, "variant": variant,
+               "input_size": list(config.input_size), "target": config.target,
+               "nncf_config": nncf.torch.get_config(model), "state_dict": model.state_dict(),
+               "optimizer": optimizer.state_dict() if optimizer is not None else None,
+               "iteration": iteration, "best": best, "config": asdict(config),
+               "source_checkpoint_sha256": source_sha, "calibration_set": calibration}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the per-pixel class distributions, scaled by T^2."""
+    log_student = F.log_softmax(student / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    return kl * temperature ** 2
+
+
+def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> dict:
+    """mIoU through the common pipeline at the model's fixed input size (sharded under DDP)."""
+    import torch.distributed as dist
+
+    from lrformer_edge.evaluation import confusion_of
+    from lrformer_edge.pipeline import SegmentationPipeline
+    from lrformer_edge.runners.torch import TorchRunner
+    from lrformer_edge.training import DistInfo
+
+    info = info or DistInfo()
+    shard = [s for i, s in enumerate(samples) if i % info.world_size == info.rank]
+    model.eval()
+    runner = TorchRunner(model, input_size=input_size, device="cpu" if not
+                         torch.cuda.is_available() else None)
+    with SegmentationPipeline(runner, data_config, input_size) as pipeline:
+        matrix, _ = confusion_of(pipeline, shard)
+    if info.world_size > 1:
+        totals = torch.from_numpy(matrix.matrix)
+        dist.all_reduce(totals)
+        matrix.matrix = totals.numpy()
+    return matrix.compute()
+
+
+def train_qat(config: QATConfig, log=print) -> dict:
+    """Run QAT as ``config`` says; returns the summary (also written to WORK_DIR/summary.json)."""
+    from lrformer_edge.data.datasets import open_dataset
+    from lrformer_edge.models.deploy import check_input_size, to_deploy
+    from lrformer_edge.models.factory import create_model
+    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.training import (
+        AugmentedSegmentation,
+        init_distributed,
+        training_device,
+    )
+
+    info = init_distributed()
+    device = training_device(info)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed + info.rank)
+    size = check_input_size(config.input_size)
+    work_dir = Path(config.work_dir)
+    if info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    def say(message):
+        if info.is_main:
+            log(message)
+
+    teacher_model = create_model(config.variant, checkpoint=config.checkpoint)
+    data_config = teacher_model.config.data
+    train_set = open_dataset(config.data, "train")
+    val_set = open_dataset(config.data, "val")
+    val_samples = [val_set[i] for i in range(min(config.val_images, len(val_set)))]
+    teacher = to_deploy(teacher_model, size).eval().to(device)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+
+    calibration = build_calibration_set(config.calib_source or config.data, data_config, size,
+                                        config.calib_images, config.seed)
+    latest = work_dir / "latest.pth"
+    start, best = 0, {"mIoU": -1.0, "iter": 0}
+    if config.resume and latest.is_file():
+        student, payload = restore(latest)
+        start, best = payload["iteration"], payload["best"]
+        say(f"resumed from {latest} at iteration {start}")
+    else:
+        say(f"NNCF post-training quantization ({config.target} rules) on "
+            f"{len(calibration.batches)} calibration images as the QAT starting point")
+        student = quantize_for_training(teacher_model, size, calibration, config.target)
+        payload = None
+    student.to(device)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    if payload is not None and payload.get("optimizer"):
+        optimizer.load_state_dict(payload["optimizer"])
+    wrapped = student
+    if info.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            student, device_ids=[info.local_rank] if device.type == "cuda" else None)
+
+    # The PTQ figure (before any fine-tuning) is kept for the PTQ-vs-QAT comparison.
+    ptq = evaluate_fixed_size(student, val_samples, data_config, size, info) if start == 0 \
+        else payload.get("config", {}).get("extra", {}).get("ptq")
+    fp32 = evaluate_fixed_size(teacher, val_samples, data_config, size, info)
+    if start == 0:
+        config.extra["ptq"] = ptq
+        say(f"validation mIoU before QAT: FP32 {100 * fp32['mIoU']:.2f}, "
+            f"PTQ INT8 {100 * ptq['mIoU']:.2f}")
+
+    augmented = AugmentedSegmentation(train_set, data_config.mean, data_config.std,
+                                      data_config.test_scale, size, (0.75, 1.5), config.seed)
+    sampler = torch.utils.data.DistributedSampler(
+        augmented, info.world_size, info.rank, shuffle=True, seed=config.seed) \
+        if info.world_size > 1 else None
+    epoch = start * config.batch_size * info.world_size // max(1, len(augmented))
+
+    def batches():
+        nonlocal epoch
+        while True:
+            augmented.epoch = epoch
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                augmented, batch_size=config.batch_size, sampler=sampler,
+                shuffle=sampler is None, drop_last=True, num_workers=0,
+                generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+            yield from loader
+            epoch += 1
+
+    say(f"QAT of {config.variant} at {size[0]}x{size[1]}: iterations {start}..{config.iters}, "
+        f"batch {config.batch_size} x {info.world_size} process(es), lr {config.lr}, "
+        f"distillation weight {config.distill_weight} (T={config.temperature})")
+    stream, history = batches(), []
+    started = window = time.time()
+    source_sha = getattr(teacher_model, "checkpoint_sha256", None)
+    for iteration in range(start, config.iters):
+        student.train()
+        images, labels = next(stream)
+        images, labels = images.to(device), labels.to(device)
+        with torch.no_grad():
+            soft = teacher(images)
+        logits = wrapped(images)
+        task = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        distill = distillation_loss(logits, soft, config.temperature)
+        loss = task + config.distill_weight * distill
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = iteration + 1
+        if done % config.log_interval == 0 or done == config.iters:
+            per_iter = (time.time() - window) / config.log_interval
+            say(f"iter {done}/{config.iters}  loss {loss.item():.4f} (task {task.item():.4f}, "
+                f"distill {distill.item():.4f})  {per_iter:.2f} s/iter  "
+                f"eta {per_iter * (config.iters - done) / 60:.1f} min")
+            window = time.time()
+        if done % config.val_interval == 0 or done == config.iters:
+            metrics = evaluate_fixed_size(student, val_samples, data_config, size, info)
+            history.append({"iter": done, "mIoU": metrics["mIoU"]})
+            say(f"iter {done}: val mIoU {100 * metrics['mIoU']:.2f} (FP32 "
+                f"{100 * fp32['mIoU']:.2f}, PTQ {100 * ptq['mIoU']:.2f})")
+            if metrics["mIoU"] > best["mIoU"]:
+                best = {"mIoU": metrics["mIoU"], "iter": done}
+                if info.is_main:
+                    _save(work_dir / "best.pth", student, None, done, best, config,
+                          config.variant, source_sha, calibration.describe())
+            if info.is_main:
+                _save(latest, student, optimizer, done, best, config, config.variant,
+                      source_sha, calibration.describe())
+    summary = {"variant": config.variant, "target": config.target, "iters": config.iters,
+               "input_size": list(size), "fp32_mIoU": fp32["mIoU"], "ptq_mIoU": ptq["mIoU"],
+               "best": best, "history": history, "minutes": (time.time() - started) / 60,
+               "world_size": info.world_size, "calibration_set": calibration.describe()}
+    if info.is_main:
+        (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+
+# ----------------------------------------------------------------------------- exports
+def _stripped(quantized, feed):
+    """The fake-quant model with NNCF's hooks replaced by torch fake-quantize ops (what the
+    OpenVINO converter and the ONNX exporter understand)."""
+    import logging
+
+    nncf = _nncf()
+    require("torchao", "qat", "stripping a QAT model for export")
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # GPU-kernel chatter on CPU hosts
+    return nncf.strip(quantized, do_copy=True, example_input=torch.from_numpy(feed))
+
+
+def _with_qdq_export(quantized):
+    """A copy whose NNCF quantizers export as ONNX QuantizeLinear/DequantizeLinear pairs
+    (their default is OpenVINO's custom FakeQuantize op, which TensorRT does not parse)."""
+    import copy
+
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+
+    model = copy.deepcopy(quantized).eval()
+    for _, module in get_hook_storage(model).named_hooks():
+        if isinstance(module, BaseQuantizer):
+            module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+    return model
+
+
+def _check_against_fake_quant(quantized, runner, feed, name: str):
+    """The exported artifact must reproduce the torch fake-quant model it came from."""
+    from lrformer_edge.export.onnx import ParityThresholds, check_parity
+
+    thresholds = ParityThresholds(max_abs=float("inf"), min_cosine=0.999,
+                                  min_pixel_agreement=0.99)
+    return check_parity(quantized.eval(), runner, feed, thresholds, f"{name} vs the QAT model")
+
+
+def export_qat_openvino(quantized, payload: dict, output_dir, feed):
+    """OpenVINO INT8 IR of a QAT model, checked against the fake-quant model, then renamed in."""
+    import shutil
+    import tempfile
+
+    from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+    from lrformer_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, ExportResult
+    from lrformer_edge.export.openvino import _replace_dir, compiles_under_every_hint
+    from lrformer_edge.files import default_file_mode
+    from lrformer_edge.runners.openvino import OpenVINORunner, write_rt_metadata
+
+    ov = require("openvino", "openvino", "OpenVINO export")
+    start = time.time()
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(default_file_mode() | 0o111)
+    try:
+        example = torch.from_numpy(feed)
+        with torch.no_grad():
+            ov_model = ov.convert_model(_stripped(quantized, feed), example_input=example,
+                                        input=[tuple(example.shape)])  # fixed, like the ONNX IRs
+        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})  # as in the ONNX-based IRs
+        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+        metadata = artifact_metadata(quantized, payload["input_size"], format="openvino-ir",
+                                     weights_precision="int8", quantization=_qat_settings(payload),
+                                     calibration_set=payload.get("calibration_set"),
+                                     openvino_version=ov.__version__)
+        write_rt_metadata(ov_model, metadata)
+        xml = staging / f"{payload['variant']}-qat.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        agreement = _check_against_fake_quant(quantized, OpenVINORunner(xml, precision="f32"),
+                                              feed, xml.name)
+        compiles_under_every_hint(xml)
+        _replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
+                        decode_metadata(metadata))
+
+
+def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
+    """TensorRT Q/DQ ONNX of a QAT model (the same checks as the PTQ one), then renamed in."""
+    import tempfile
+    import warnings
+
+    import onnx
+
+    from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+    from lrformer_edge.export.onnx import (
+        INPUT_NAME,
+        MIN_OPSET,
+        OUTPUT_NAME,
+        ArtifactCheckError,
+        ExportResult,
+        op_histogram,
+    )
+    from lrformer_edge.export.tensorrt import fold_constants, tensorrt_problems
+    from lrformer_edge.files import atomic_write
+    from lrformer_edge.quant.qdq import qdq_summary, to_signed_int8
+    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+
+    start = time.time()
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix="lrformer-qat-onnx-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_with_qdq_export(quantized), (torch.from_numpy(feed),), str(raw),
+                              dynamo=False, opset_version=MIN_OPSET, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], do_constant_folding=True)
+        graph = to_signed_int8(fold_constants(raw, Path(tmp) / "folded.onnx"))
+        settings = _qat_settings(payload)
+        settings.update(qdq_summary(graph))
+        metadata = artifact_metadata(quantized, payload["input_size"], format="onnx",
+                                     target="tensorrt", precision="int8", opset=MIN_OPSET,
+                                     batch_size=1, quantization=settings,
+                                     calibration_set=payload.get("calibration_set"))
+        for key, value in metadata.items():
+            graph.metadata_props.add(key=key, value=value)
+        problems = tensorrt_problems(graph)
+        if problems:
+            raise ArtifactCheckError("the QAT Q/DQ ONNX is not in the form TensorRT takes: "
+                                     + "; ".join(problems[:5]))
+        staged = Path(tmp) / "staged.onnx"
+        onnx.save(graph, str(staged))
+        agreement = _check_against_fake_quant(
+            quantized, OnnxRuntimeRunner(staged, providers=["CPUExecutionProvider"]), feed,
+            output.name)
+        atomic_write(output, lambda path: Path(path).write_bytes(staged.read_bytes()))
+    return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
+                        decode_metadata(metadata))
+
+
+def _qat_settings(payload: dict) -> dict:
+    config = payload.get("config", {})
+    return {"tool": f"nncf {_nncf().__version__} QAT (torch)", "target": payload.get("target"),
+            "iterations": payload.get("iteration"), "best_val_mIoU": payload.get("best"),
+            "lr": config.get("lr"), "distill_weight": config.get("distill_weight"),
+            "temperature": config.get("temperature"), "format": "Q/DQ, int8, zero-point 0"}

@@ -1,0 +1,113 @@
+"""Validation harness and cross-backend regression gate.
+
+``run_validation`` = samples -> FP32 PyTorch ground truth (computed, or loaded from a file saved
+elsewhere) -> every artifact through the same pipeline -> gate against versioned thresholds ->
+JSON / Markdown / HTML reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ValidationConfig:
+    artifacts: list[Path]
+    report_dir: Path
+    data: str | None = None  # dataset root; None: procedural held-out scenes
+    images: int = 100
+    variant: str | None = None
+    reference_checkpoint: str | None = None
+    input_size: tuple[int, int] | None = None
+    thresholds: Path | None = None
+    save_reference: Path | None = None
+    load_reference: Path | None = None
+    logit_images: int = 5
+    openvino_precision: str = "f32"
+    require_all: bool = False
+    log: object = field(default=print, repr=False)
+
+
+@dataclass
+class ValidationOutcome:
+    run: object
+    violations: list
+    reports: dict
+
+
+def load_samples(data: str | None, images: int, size: tuple[int, int]) -> tuple[list, str]:
+    """(samples, description): the first ``images`` of a dataset's val split, or procedural."""
+    if images < 1:
+        raise ValueError(f"--images must be positive, got {images}")
+    if data is None:
+        from lrformer_edge.evaluation import procedural_validation_samples
+
+        return (list(procedural_validation_samples(images, size)),
+                "procedural held-out scenes (seeds 20,000,000+)")
+    from lrformer_edge.data.datasets import open_dataset
+
+    dataset = open_dataset(data, "val")
+    count = min(images, len(dataset))
+    return [dataset[i] for i in range(count)], f"{data} (val, first {count})"
+
+
+def reference_input_size(config: ValidationConfig) -> tuple[int, int]:
+    """--input-size, else the first artifact that records one, else 512x512."""
+    if config.input_size:
+        return tuple(config.input_size)
+    from lrformer_edge.validation.harness import artifact_metadata_of
+
+    for path in config.artifacts:
+        size = (artifact_metadata_of(Path(path)) or {}).get("input_size")
+        if size:
+            return tuple(size)
+    return (512, 512)
+
+
+def run_validation(config: ValidationConfig) -> ValidationOutcome:
+    from lrformer_edge.validation.gate import check, load_thresholds
+    from lrformer_edge.validation.harness import validate_artifacts
+    from lrformer_edge.validation.reference import ReferenceOutputs, compute_reference
+    from lrformer_edge.validation.report import write_reports
+
+    thresholds = load_thresholds(config.thresholds)
+    missing = [str(p) for p in config.artifacts if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"artifacts not found: {', '.join(missing)}")
+    if config.load_reference:
+        reference = ReferenceOutputs.load(config.load_reference)
+        size = tuple(reference.input_size)
+        class_names = reference.model["class_names"]
+        from lrformer_edge.registry import get_config
+
+        palette = _palette_for(reference.model, get_config)
+    else:
+        from lrformer_edge.models.factory import create_model
+        from lrformer_edge.registry import BUNDLED_MODEL
+
+        model = create_model(config.variant or BUNDLED_MODEL,
+                             checkpoint=config.reference_checkpoint)
+        size = reference_input_size(config)
+        class_names, palette = model.config.data.class_names, model.config.data.palette
+    samples, description = load_samples(config.data, config.images, size)
+    if not config.load_reference:
+        config.log(f"computing the FP32 PyTorch ground truth on {len(samples)} images at "
+                   f"{size[0]}x{size[1]}")
+        reference = compute_reference(model, samples, size, config.logit_images)
+    if config.save_reference:
+        reference.save(config.save_reference)
+        config.log(f"saved the ground-truth outputs to {config.save_reference}")
+    run = validate_artifacts(config.artifacts, samples, reference, description, class_names,
+                             palette, config.openvino_precision, config.log)
+    violations = check(run.results, thresholds, config.require_all)
+    reports = write_reports(run, violations, thresholds.get("version"), config.report_dir)
+    return ValidationOutcome(run, violations, reports)
+
+
+def _palette_for(model_identity: dict, get_config):
+    try:
+        return get_config(model_identity["variant"]).data.palette
+    except (KeyError, ValueError):
+        from lrformer_edge.data.classes import distinct_palette
+
+        return distinct_palette(model_identity["num_classes"])

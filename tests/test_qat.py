@@ -1,0 +1,138 @@
+"""Quantization-aware training with NNCF: init from PTQ, distillation, resume, DDP, exports."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lrformer_edge.data.procedural import write_ade20k_layout
+from lrformer_edge.export.tensorrt import tensorrt_problems
+from lrformer_edge.quant.calibration import build_calibration_set, stratified_choice
+
+pytest.importorskip("nncf")
+
+from lrformer_edge.quant.qat import (  # noqa: E402
+    QATConfig,
+    distillation_loss,
+    export_qat_openvino,
+    export_qat_qdq_onnx,
+    restore,
+    train_qat,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qat-data")
+    return write_ade20k_layout(root, {"training": range(6), "validation": range(1000, 1002)},
+                               size=SIZE)
+
+
+def _config(dataset, work_dir, **overrides):
+    values = dict(data=str(dataset), work_dir=str(work_dir), input_size=SIZE, iters=2,
+                  batch_size=1, val_interval=2, val_images=2, calib_images=3, log_interval=1)
+    values.update(overrides)
+    return QATConfig(**values)
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(1, 5, 4, 4)
+    assert distillation_loss(logits, logits, 2.0).abs() < 1e-6
+    assert distillation_loss(logits, torch.randn(1, 5, 4, 4), 2.0) > 0.01
+
+
+def test_stratified_sampling_covers_every_group():
+    rng = np.random.default_rng(0)
+    groups = {"a": list(range(10)), "b": list(range(100, 103)), "c": list(range(200, 250))}
+    chosen = stratified_choice(groups, 6, rng)
+    assert len(chosen) == 6 and {c // 100 for c in chosen} == {0, 1, 2}
+    again = stratified_choice(groups, 6, np.random.default_rng(0))
+    assert again == chosen  # seeded
+
+
+def test_calibration_from_a_video_file(tmp_path):
+    from lrformer_edge.data.procedural import write_procedural_video
+    from lrformer_edge.registry import BUNDLED_MODEL, get_config
+
+    video = tmp_path / "drive.avi"
+    write_procedural_video(video, 12, 96, 128)
+    data = get_config(BUNDLED_MODEL).data
+    calibration = build_calibration_set(str(video), data, SIZE, count=4, seed=1)
+    assert len(calibration.batches) == 4 and calibration.batches[0].shape == (1, 3, *SIZE)
+    frames = [int(name.split("frame")[1]) for name in calibration.names]
+    assert frames == sorted(frames) and frames[0] < 3 and frames[-1] >= 9  # spread over time
+    assert build_calibration_set(str(video), data, SIZE, 4, 1).sha256 == calibration.sha256
+
+
+def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_path):
+    work = tmp_path / "qat"
+    summary = train_qat(_config(dataset, work), log=lambda *_: None)
+    assert {"fp32_mIoU", "ptq_mIoU", "best", "history"} <= set(summary)
+    assert (work / "best.pth").is_file() and (work / "latest.pth").is_file()
+    resumed = train_qat(_config(dataset, work, iters=3, resume=True), log=lambda *_: None)
+    assert [h["iter"] for h in resumed["history"]] == [3]  # continued after iteration 2
+
+    model, payload = restore(work / "latest.pth")
+    assert payload["iteration"] == 3 and payload["target"] == "all"
+    feed = build_calibration_set("procedural", model.config.data, SIZE, 1, seed=5).batches[0]
+    with torch.no_grad():
+        first = model(torch.from_numpy(feed))
+        second, _ = restore(work / "latest.pth")
+        assert torch.equal(first, second(torch.from_numpy(feed)))
+
+    ir = export_qat_openvino(model, payload, tmp_path / "ov-int8", feed)
+    assert ir.parity.pixel_agreement >= 0.99
+    assert ir.metadata["weights_precision"] == "int8"
+    import openvino as ov
+
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(ir.path)).get_ops()}
+    assert "FakeQuantize" in ops
+
+    qdq = export_qat_qdq_onnx(model, payload, tmp_path / "qat.onnx", feed)
+    assert qdq.parity.pixel_agreement >= 0.99
+    graph = onnx.load(str(qdq.path))
+    assert tensorrt_problems(graph) == []
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 50
+    assert qdq.metadata["target"] == "tensorrt" and qdq.metadata["precision"] == "int8"
+
+
+def test_restore_rejects_other_files(tmp_path):
+    other = tmp_path / "plain.pth"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a QAT checkpoint"):
+        restore(other)
+    with pytest.raises(ValueError, match="does not exist"):
+        restore(tmp_path / "missing.pth")
+
+
+@pytest.mark.slow
+def test_qat_ddp_with_two_cpu_processes_and_tensorrt_export(dataset, tmp_path):
+    work = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29531", str(REPO / "calibration/qat.py"), "--data", str(dataset),
+         "--output", str(work), "--input-size", *map(str, SIZE), "--iters", "2",
+         "--batch-size", "1", "--val-interval", "2", "--val-images", "2", "--calib-images", "3",
+         "--threads", "1", "--target", "tensorrt"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert (work / "lrformer-qat-int8.onnx").is_file() and (work / "best.pth").is_file()
+    engine = tmp_path / "qat.engine"
+    trt = subprocess.run(
+        [sys.executable, str(REPO / "export_scripts/to_tensorrt.py"), "--int8",
+         "--qat-checkpoint", str(work / "best.pth"), "--onnx-only", "--output", str(engine)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert trt.returncode == 0, trt.stderr[-3000:]
+    assert "QAT" in trt.stdout and (tmp_path / "qat.onnx").is_file()
+    assert tensorrt_problems(onnx.load(str(tmp_path / "qat.onnx"))) == []
