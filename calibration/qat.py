@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight)
+    parser.add_argument("--task-weight", type=float, default=defaults.task_weight,
+                        help="weight of the label loss; 0: pure distillation from FP32")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--val-interval", type=int, default=defaults.val_interval)
     parser.add_argument("--val-images", type=int, default=defaults.val_images)
@@ -56,8 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("iters", "batch_size", "val_interval", "val_images", "calib_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.lr <= 0 or args.temperature <= 0 or args.distill_weight < 0:
-        parser.error("--lr and --temperature must be positive, --distill-weight non-negative")
+    if args.lr <= 0 or args.temperature <= 0 or args.distill_weight < 0 or args.task_weight < 0:
+        parser.error("--lr and --temperature must be positive, --distill-weight and "
+                     "--task-weight non-negative")
+    if args.distill_weight == 0 and args.task_weight == 0:
+        parser.error("--distill-weight and --task-weight cannot both be 0")
     return args
 
 
@@ -86,7 +91,8 @@ def main(argv=None) -> int:
         data=args.data, work_dir=str(args.output), variant=args.variant,
         checkpoint=args.checkpoint, target=args.target, input_size=tuple(args.input_size),
         iters=args.iters, batch_size=args.batch_size, lr=args.lr,
-        distill_weight=args.distill_weight, temperature=args.temperature,
+        distill_weight=args.distill_weight, task_weight=args.task_weight,
+        temperature=args.temperature,
         val_interval=args.val_interval, val_images=args.val_images,
         calib_images=args.calib_images, calib_source=args.calib_data, seed=args.seed,
         resume=args.resume, threads=args.threads)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
           f"{100 * summary['ptq_mIoU']:.2f}); {summary['minutes']:.1f} min")
     code, results = run_export_cli(lambda: export_best(args.output, args.target))
     for result in results or []:
-        print(result.summary())
+        print(result.summary().replace("parity vs PyTorch", "parity vs the QAT fake-quant model"))
     if results:
         (args.output / "exports.json").write_text(json.dumps(
             [{"path": str(r.path), "parity_vs_qat_model": r.parity.as_dict()} for r in results],

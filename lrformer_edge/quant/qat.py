@@ -4,8 +4,9 @@
    starting point); ``target="tensorrt"`` or ``"all"`` uses the quantizer rules TensorRT takes
    (symmetric int8, per-channel weights, per-tensor activations), which OpenVINO runs as well;
    ``"openvino"`` keeps NNCF's CPU defaults.
-2. Fine-tuning: cross-entropy on the labels plus the KL divergence to the FP32 teacher's softened
-   logits (temperature ``T``, weight ``distill_weight``), small learning rate, quantizer scales
+2. Fine-tuning: cross-entropy on the labels (weight ``task_weight``; 0 for pure distillation,
+   which keeps the model closest to the FP32 ground truth) plus the KL divergence to the FP32
+   teacher's softened logits (temperature ``T``, weight ``distill_weight``), small learning rate, quantizer scales
    trainable; mIoU on the validation split every ``val_interval`` iterations, the best kept.
 3. Checkpoints hold the NNCF config and the state dict (``nncf.torch.load_from_config`` rebuilds
    the fake-quant model), optimizer and iteration: ``resume=True`` continues.
@@ -42,10 +43,11 @@ class QATConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     distill_weight: float = 1.0
+    task_weight: float = 1.0  # 0: pure distillation (follow the FP32 model, ignore the labels)
     temperature: float = 2.0
     val_interval: int = 100
     val_images: int = 50
-    calib_images: int = 300
+    calib_images: int = 64  # PTQ initialisation only (NNCF torch keeps statistics in memory)
     calib_source: str | None = None  # default: the training split of --data
     seed: int = 0
     resume: bool = False
@@ -249,7 +251,8 @@ def train_qat(config: QATConfig, log=print) -> dict:
 
     say(f"QAT of {config.variant} at {size[0]}x{size[1]}: iterations {start}..{config.iters}, "
         f"batch {config.batch_size} x {info.world_size} process(es), lr {config.lr}, "
-        f"distillation weight {config.distill_weight} (T={config.temperature})")
+        f"task weight {config.task_weight}, distillation weight {config.distill_weight} "
+        f"(T={config.temperature})")
     stream, history = batches(), []
     started = window = time.time()
     source_sha = getattr(teacher_model, "checkpoint_sha256", None)
@@ -262,7 +265,7 @@ def train_qat(config: QATConfig, log=print) -> dict:
         logits = wrapped(images)
         task = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         distill = distillation_loss(logits, soft, config.temperature)
-        loss = task + config.distill_weight * distill
+        loss = config.task_weight * task + config.distill_weight * distill
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -341,6 +344,7 @@ def export_qat_openvino(quantized, payload: dict, output_dir, feed):
     """OpenVINO INT8 IR of a QAT model, checked against the fake-quant model, then renamed in."""
     import shutil
     import tempfile
+    import warnings
 
     from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
     from lrformer_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, ExportResult
@@ -356,7 +360,8 @@ def export_qat_openvino(quantized, payload: dict, output_dir, feed):
     staging.chmod(default_file_mode() | 0o111)
     try:
         example = torch.from_numpy(feed)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
             ov_model = ov.convert_model(_stripped(quantized, feed), example_input=example,
                                         input=[tuple(example.shape)])  # fixed, like the ONNX IRs
         ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})  # as in the ONNX-based IRs
@@ -437,4 +442,5 @@ def _qat_settings(payload: dict) -> dict:
     return {"tool": f"nncf {_nncf().__version__} QAT (torch)", "target": payload.get("target"),
             "iterations": payload.get("iteration"), "best_val_mIoU": payload.get("best"),
             "lr": config.get("lr"), "distill_weight": config.get("distill_weight"),
+            "task_weight": config.get("task_weight"),
             "temperature": config.get("temperature"), "format": "Q/DQ, int8, zero-point 0"}

@@ -78,9 +78,7 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
         reference = ReferenceOutputs.load(config.load_reference)
         size = tuple(reference.input_size)
         class_names = reference.model["class_names"]
-        from lrformer_edge.registry import get_config
-
-        palette = _palette_for(reference.model, get_config)
+        palette = _palette_for(reference.model)
     else:
         from lrformer_edge.models.factory import create_model
         from lrformer_edge.registry import BUNDLED_MODEL
@@ -104,7 +102,10 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
     return ValidationOutcome(run, violations, reports)
 
 
-def _palette_for(model_identity: dict, get_config):
+def _palette_for(model_identity: dict):
+    """The registered palette of the reference's variant, else a generated one."""
+    from lrformer_edge.registry import get_config
+
     try:
         return get_config(model_identity["variant"]).data.palette
     except (KeyError, ValueError):
