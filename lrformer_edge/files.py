@@ -1,6 +1,7 @@
 """File helpers without heavy dependencies (no torch): hashing and atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -36,3 +37,27 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike):
+    """Yield an empty sibling folder to fill; on success it replaces ``target`` (the previous
+    one is removed only afterwards), on any error it is deleted: never a half-written folder."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(default_file_mode() | 0o111)  # mkdtemp makes 0700; a model folder is shared
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    os.replace(staging, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

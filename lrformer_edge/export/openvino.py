@@ -7,9 +7,6 @@ model with an explicitly FP32 OpenVINO runner, must compile under every inferenc
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from lrformer_edge.export.onnx import (
     export_onnx,
     parity_inputs,
 )
-from lrformer_edge.files import default_file_mode
+from lrformer_edge.files import staged_directory
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.runners.base import require
 from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
@@ -57,10 +54,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                                                                        ParityThresholds())
     output_dir = Path(output_dir)
     start = time.time()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(default_file_mode() | 0o111)  # mkdtemp makes 0700; a model folder is shared
-    try:
+    with staged_directory(output_dir) as staging:
         onnx_result = export_onnx(model, staging / "model.onnx", input_size, batch_size)
         ov_model = ov.convert_model(str(onnx_result.path))
         quantization = {}
@@ -81,10 +75,6 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         agreement = check_parity(to_deploy(model, input_size), OpenVINORunner(xml, precision="f32"),
                                  feed, parity, xml.name)
         compiles_under_every_hint(xml)
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
                         decode_metadata(metadata))
 
@@ -98,14 +88,3 @@ def compiles_under_every_hint(xml: Path) -> None:
             output = runner.infer({spec.name: np.zeros(shape, np.float32)})[OUTPUT_NAME]
             if not np.isfinite(output).all():
                 raise RuntimeError(f"{xml.name} gives non-finite outputs at precision {hint}")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap the finished folder into place; a previous export is removed only afterwards."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    os.replace(new, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

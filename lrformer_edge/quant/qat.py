@@ -342,23 +342,18 @@ def _check_against_fake_quant(quantized, runner, feed, name: str):
 
 def export_qat_openvino(quantized, payload: dict, output_dir, feed):
     """OpenVINO INT8 IR of a QAT model, checked against the fake-quant model, then renamed in."""
-    import shutil
-    import tempfile
     import warnings
 
     from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
     from lrformer_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, ExportResult
-    from lrformer_edge.export.openvino import _replace_dir, compiles_under_every_hint
-    from lrformer_edge.files import default_file_mode
+    from lrformer_edge.export.openvino import compiles_under_every_hint
+    from lrformer_edge.files import staged_directory
     from lrformer_edge.runners.openvino import OpenVINORunner, write_rt_metadata
 
     ov = require("openvino", "openvino", "OpenVINO export")
     start = time.time()
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(default_file_mode() | 0o111)
-    try:
+    with staged_directory(output_dir) as staging:
         example = torch.from_numpy(feed)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
@@ -376,10 +371,6 @@ def export_qat_openvino(quantized, payload: dict, output_dir, feed):
         agreement = _check_against_fake_quant(quantized, OpenVINORunner(xml, precision="f32"),
                                               feed, xml.name)
         compiles_under_every_hint(xml)
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
                         decode_metadata(metadata))
 
