@@ -23,11 +23,14 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)``, then rename into place: never a half-written artifact."""
+def atomic_write(path: str | os.PathLike, write, suffix: str = ".partial") -> Path:
+    """Call ``write(tmp_path)``, then rename into place: never a half-written artifact.
+
+    ``suffix`` ends the temporary name (writers that pick a format from the name, like OpenCV's
+    VideoWriter, need the real one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         write(tmp)

@@ -392,19 +392,14 @@ def write_procedural_video(path: str | Path, frames: int, height: int = 360, wid
     Returns the seeds; ``generate_scene(seed, height, width).label`` is each frame's ground truth.
     ``.avi`` is written with MJPG, ``.mp4`` with mp4v.
     """
-    import os
-    import tempfile
+    from lrformer_edge.files import atomic_write
 
     path = Path(path)
     if path.suffix not in (".mp4", ".avi"):
         raise ValueError(f"video path must end in .mp4 or .avi, got {path}")
     seeds = list(range(first_seed, first_seed + frames))
 
-    # OpenCV picks the container from the file name, so the temporary name keeps the suffix.
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix,
-                                    dir=path.parent if str(path.parent) else ".")
-    os.close(handle)
-    try:
+    def write(temp):
         fourcc = cv2.VideoWriter_fourcc(*("mp4v" if path.suffix == ".mp4" else "MJPG"))
         writer = cv2.VideoWriter(str(temp), fourcc, fps, (width, height))
         if not writer.isOpened():
@@ -412,11 +407,7 @@ def write_procedural_video(path: str | Path, frames: int, height: int = 360, wid
         for seed in seeds:
             writer.write(cv2.cvtColor(generate_scene(seed, height, width).image, cv2.COLOR_RGB2BGR))
         writer.release()
-        from lrformer_edge.files import default_file_mode
 
-        os.chmod(temp, default_file_mode())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    # OpenCV picks the container from the file name, so the temporary name keeps the suffix.
+    atomic_write(path, write, suffix=path.suffix)
     return seeds

@@ -66,6 +66,14 @@ def tensorrt_problems(graph) -> list[str]:
     return problems + qdq_problems(graph)
 
 
+def require_tensorrt_form(graph, what: str) -> None:
+    """Raise ``ArtifactCheckError`` (nothing gets written) when TensorRT would not take it."""
+    problems = tensorrt_problems(graph)
+    if problems:
+        raise ArtifactCheckError(f"{what} is not in the form TensorRT takes: "
+                                 + "; ".join(problems[:5]))
+
+
 def fold_constants(path: Path, folded: Path):
     """Constant-fold with ONNX Runtime's basic level (standard ONNX rewrites only): the pooling
     matrices and reshaped weights become initializers, so Q/DQ on them is recognisably weight
@@ -152,10 +160,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         del graph.metadata_props[:]
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)
-        problems = tensorrt_problems(graph)
-        if problems:
-            raise ArtifactCheckError("the TensorRT ONNX is not in the form TensorRT takes: "
-                               + "; ".join(problems[:5]))
+        require_tensorrt_form(graph, "the TensorRT ONNX")
         try:
             onnx.checker.check_model(graph)
         except onnx.checker.ValidationError as error:

@@ -387,11 +387,10 @@ def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
         INPUT_NAME,
         MIN_OPSET,
         OUTPUT_NAME,
-        ArtifactCheckError,
         ExportResult,
         op_histogram,
     )
-    from lrformer_edge.export.tensorrt import fold_constants, tensorrt_problems
+    from lrformer_edge.export.tensorrt import fold_constants, require_tensorrt_form
     from lrformer_edge.files import atomic_write
     from lrformer_edge.quant.qdq import qdq_summary, to_signed_int8
     from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
@@ -414,10 +413,7 @@ def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
                                      calibration_set=payload.get("calibration_set"))
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)
-        problems = tensorrt_problems(graph)
-        if problems:
-            raise ArtifactCheckError("the QAT Q/DQ ONNX is not in the form TensorRT takes: "
-                                     + "; ".join(problems[:5]))
+        require_tensorrt_form(graph, "the QAT Q/DQ ONNX")
         staged = Path(tmp) / "staged.onnx"
         onnx.save(graph, str(staged))
         agreement = _check_against_fake_quant(
