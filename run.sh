@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # Pinned CPU build first, so nothing can pull a CUDA build in its place.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev,openvino,tensorrt,qat]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,openvino,tensorrt,qat,coreml]"
   touch "$stamp"
 fi
 

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--task-weight", type=float, default=defaults.task_weight,
                         help="weight of the label loss; 0: pure distillation from FP32")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--update-bn-stats", action="store_true",
+                        help="update BatchNorm running statistics and use dropout while training "
+                             "(default: both frozen as in inference; batches are small)")
     parser.add_argument("--val-interval", type=int, default=defaults.val_interval)
     parser.add_argument("--val-images", type=int, default=defaults.val_images)
     parser.add_argument("--calib-images", type=int, default=defaults.calib_images)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         checkpoint=args.checkpoint, target=args.target, input_size=tuple(args.input_size),
         iters=args.iters, batch_size=args.batch_size, lr=args.lr,
         distill_weight=args.distill_weight, task_weight=args.task_weight,
-        temperature=args.temperature,
+        temperature=args.temperature, update_bn_stats=args.update_bn_stats,
         val_interval=args.val_interval, val_images=args.val_images,
         calib_images=args.calib_images, calib_source=args.calib_data, seed=args.seed,
         resume=args.resume, threads=args.threads)

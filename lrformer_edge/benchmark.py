@@ -96,7 +96,8 @@ class Candidate:
 def _artifact_mib(artifact) -> float | None:
     if artifact is None:
         return None
-    files = [artifact, artifact.with_suffix(".bin")]
+    files = list(artifact.rglob("*")) if artifact.is_dir() else \
+        [artifact, artifact.with_suffix(".bin")]
     return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
 
 
@@ -154,12 +155,20 @@ def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log)
     return candidates
 
 
-def _coreml_candidate() -> Candidate:
-    import sys
+def _coreml_candidate(model, input_size, work_dir, log) -> Candidate:
+    from lrformer_edge.runners.coreml import coreml_unavailable_reason
 
-    reason = ("CoreML prediction needs macOS" if sys.platform != "darwin" else
-              "no CoreML exporter in this version")
-    return Candidate("CoreML", "coreml", "fp16", status=f"skipped: {reason}")
+    reason = coreml_unavailable_reason()
+    if reason:
+        return Candidate("Core ML package", "coreml", "fp16", status=f"skipped: {reason}")
+    from lrformer_edge.export.coreml import CoreMLOptions, export_coreml
+    from lrformer_edge.runners.coreml import CoreMLRunner
+
+    log("exporting the FP16 Core ML package")
+    package = export_coreml(model, work_dir / "coreml-fp16.mlpackage", input_size,
+                            CoreMLOptions(input_type="tensor")).path
+    return Candidate("Core ML package", "coreml", "fp16",
+                     lambda p=package: CoreMLRunner(p), package)
 
 
 def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations: int = 30,
@@ -219,7 +228,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
         except ImportError as missing:
             candidates.append(Candidate("ONNX for TensorRT", "onnxruntime", "int8",
                                         status=f"skipped: {missing}"))
-        candidates.append(_coreml_candidate())
+        candidates.append(_coreml_candidate(model, input_size, work_dir, log))
 
     rows = [BenchmarkRow(c.backend, c.precision, c.status, c.format,
                          size_mib=_artifact_mib(c.artifact)) for c in candidates]

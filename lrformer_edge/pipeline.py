@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrformer_edge.data.postprocess import logits_to_labels, overlay
+from lrformer_edge.data.postprocess import labels_at_size, logits_to_labels, overlay
 from lrformer_edge.data.preprocess import preprocess
 from lrformer_edge.registry import DataConfig
 from lrformer_edge.runners.base import Runner
@@ -19,7 +19,7 @@ from lrformer_edge.runners.base import Runner
 @dataclass
 class Prediction:
     labels: np.ndarray  # HxW class ids at the caller's image size
-    logits: np.ndarray  # (1, C, h, w) at network input size
+    logits: np.ndarray | None  # (1, C, h, w) at network input size; None for label outputs
     input_size: tuple[int, int]
     inference_seconds: float
     preprocess_seconds: float = 0.0
@@ -75,8 +75,14 @@ class SegmentationPipeline:
             if activated_here:
                 self.runner.deactivate()
         inferred = time.perf_counter()
-        logits = outputs[self.runner.output_names[0]]
-        labels = logits_to_labels(logits, prepared.original_size)
+        output = outputs[self.runner.output_names[0]]
+        if np.issubdtype(output.dtype, np.integer):
+            # Artifacts that end in argmax (Core ML --output-type labels) give class ids:
+            # nearest resizing is all that can be done with them.
+            logits, labels = None, labels_at_size(output, prepared.original_size)
+        else:
+            logits = output
+            labels = logits_to_labels(logits, prepared.original_size)
         inference = self.runner.last_inference_time
         preprocessing = inferred - start - inference
         return Prediction(labels, logits, prepared.input_size, inference, preprocessing,

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+import lrformer_edge
 from lrformer_edge.data.procedural import write_ade20k_layout
 from lrformer_edge.export.tensorrt import tensorrt_problems
 from lrformer_edge.quant.calibration import build_calibration_set, stratified_choice
@@ -83,6 +84,12 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
 
     model, payload = restore(work / "latest.pth")
     assert payload["iteration"] == 3 and payload["target"] == "all"
+    # BatchNorm statistics stay those of the FP32 model (batches of 1-2 would only add noise).
+    teacher = lrformer_edge.create_model(payload["variant"])
+    statistics = [m.running_mean for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    trained = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(trained) == len(statistics) > 0
+    assert all(torch.equal(a, b) for a, b in zip(trained, statistics))
     feed = build_calibration_set("procedural", model.config.data, SIZE, 1, seed=5).batches[0]
     with torch.no_grad():
         first = model(torch.from_numpy(feed))

@@ -40,6 +40,17 @@ def logits_to_labels(logits, original_size: tuple[int, int]) -> np.ndarray:
     return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
 
 
+def labels_at_size(labels, size: tuple[int, int]) -> np.ndarray:
+    """(1, h, w) or (h, w) class ids -> HxW at ``size`` by nearest-neighbour resizing."""
+    import cv2
+
+    labels = np.asarray(labels).reshape(labels.shape[-2:])
+    if labels.shape != tuple(size):
+        labels = cv2.resize(labels.astype(np.int32), (size[1], size[0]),
+                            interpolation=cv2.INTER_NEAREST)
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
+
+
 def colorize(labels: np.ndarray, palette) -> np.ndarray:
     """HxW class ids -> HxWx3 uint8 RGB using ``palette`` (ids beyond it are black)."""
     lut = np.zeros((max(256, len(palette)), 3), np.uint8)

@@ -102,7 +102,10 @@ class _StaticAttentionMixin:
         return self.static_pools[f"{size[0]}x{size[1]}"](x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # The official scale is SDPA's default: leaving it implicit lets converters emit a fused
+        # attention op (Core ML's iOS18 scaled_dot_product_attention has no scale input).
+        default = self.scale == q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, scale=None if default else self.scale)
 
 
 class StaticLowResolutionAttention(_StaticAttentionMixin, LowResolutionAttention):

@@ -45,6 +45,9 @@ class QATConfig:
     distill_weight: float = 1.0
     task_weight: float = 1.0  # 0: pure distillation (follow the FP32 model, ignore the labels)
     temperature: float = 2.0
+    # Batches of 2 give noisy BatchNorm statistics and dropout moves the student away from the
+    # FP32 model it is distilled from: by default both stay as in inference.
+    update_bn_stats: bool = False
     val_interval: int = 100
     val_images: int = 50
     calib_images: int = 64  # PTQ initialisation only (NNCF torch keeps statistics in memory)
@@ -88,6 +91,12 @@ def quantize_for_training(model, input_size, calibration, target: str):
     dataset = nncf.Dataset([torch.from_numpy(b) for b in calibration.batches])
     return nncf.quantize(deployed, dataset, subset_size=len(calibration.batches),
                          **quantizer_parameters(target))
+
+
+def _freeze_normalization_and_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            module.eval()
 
 
 def restore(checkpoint_path: str | Path, map_location="cpu"):
@@ -252,12 +261,15 @@ def train_qat(config: QATConfig, log=print) -> dict:
     say(f"QAT of {config.variant} at {size[0]}x{size[1]}: iterations {start}..{config.iters}, "
         f"batch {config.batch_size} x {info.world_size} process(es), lr {config.lr}, "
         f"task weight {config.task_weight}, distillation weight {config.distill_weight} "
-        f"(T={config.temperature})")
+        f"(T={config.temperature}), BatchNorm statistics "
+        f"{'updated' if config.update_bn_stats else 'frozen'}")
     stream, history = batches(), []
     started = window = time.time()
     source_sha = getattr(teacher_model, "checkpoint_sha256", None)
     for iteration in range(start, config.iters):
         student.train()
+        if not config.update_bn_stats:
+            _freeze_normalization_and_dropout(student)
         images, labels = next(stream)
         images, labels = images.to(device), labels.to(device)
         with torch.no_grad():

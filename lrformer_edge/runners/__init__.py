@@ -1,8 +1,9 @@
 """Runners: one interface (``with runner: runner.infer(feed)``) over every backend.
 
 ``load_runner(path)`` picks the backend from the artifact: a PyTorch checkpoint (``.pth``,
-``.pt``, ``.safetensors``), an ONNX model (``.onnx``) or an OpenVINO IR (``.xml`` or its folder) or a
-TensorRT engine (``.engine``/``.plan`` with its JSON sidecar). SDKs are imported only when used.
+``.pt``, ``.safetensors``), an ONNX model (``.onnx``), an OpenVINO IR (``.xml`` or its folder), a
+TensorRT engine (``.engine``/``.plan`` with its JSON sidecar) or a Core ML ``.mlpackage``
+(predicts on macOS only). SDKs are imported only when used.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lrformer_edge.runners.base import (
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 TENSORRT_SUFFIXES = (".engine", ".plan")
+ARTIFACT_SUFFIXES = TORCH_SUFFIXES + (".onnx", ".xml") + TENSORRT_SUFFIXES + (".mlpackage",)
 
 
 def load_runner(path: str | Path, variant: str | None = None, **options) -> Runner:
@@ -47,8 +49,12 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
         from lrformer_edge.runners.tensorrt import TensorRTRunner
 
         return TensorRTRunner(path, **options)
+    if path.suffix == ".mlpackage":
+        from lrformer_edge.runners.coreml import CoreMLRunner
+
+        return CoreMLRunner(path, **options)
     raise ValueError(f"cannot tell which backend runs {path}: expected one of "
-                     f"{', '.join(TORCH_SUFFIXES + ('.onnx', '.xml') + TENSORRT_SUFFIXES)} "
+                     f"{', '.join(ARTIFACT_SUFFIXES)} "
                      f"or an OpenVINO IR folder")
 
 

@@ -119,7 +119,7 @@ def artifact_metadata_of(path: Path) -> dict | None:
     """The metadata an artifact embeds, without running it (None for PyTorch checkpoints)."""
     from lrformer_edge.runners import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
 
-    if path.suffix in TORCH_SUFFIXES or path.suffix in (".mlpackage", ".mlmodel"):
+    if path.suffix in TORCH_SUFFIXES:
         return None
     if path.suffix in TENSORRT_SUFFIXES:
         from lrformer_edge.export.metadata import decode_metadata
@@ -135,8 +135,11 @@ def describe_artifact(path: Path, openvino_precision: str = "f32") -> tuple[str,
 
     if path.suffix in TORCH_SUFFIXES:
         return "pytorch", "fp32", {}
-    if path.suffix == ".mlpackage" or path.suffix == ".mlmodel":
-        return "coreml", "unknown", {}
+    if path.suffix == ".mlpackage":
+        options = (load_runner(path).metadata.get("coreml_options") or {})
+        precision = "w8a8" if options.get("w8a8") else options.get("precision", "fp16")
+        weights = options.get("weights", "float")
+        return "coreml", precision if weights == "float" else f"{precision}+{weights}", {}
     if path.suffix in TENSORRT_SUFFIXES:
         from lrformer_edge.export.tensorrt import read_sidecar
 
@@ -157,9 +160,9 @@ def skip_reason(backend: str) -> str | None:
         reason = tensorrt_unavailable_reason()
         return f"needs TensorRT and an NVIDIA GPU: {reason}" if reason else None
     if backend == "coreml":
-        if sys.platform != "darwin":
-            return "CoreML prediction needs macOS (Apple hardware); this is " + sys.platform
-        return "no CoreML runner in this version of lrformer-edge"
+        from lrformer_edge.runners.coreml import coreml_unavailable_reason
+
+        return coreml_unavailable_reason()
     return None
 
 
@@ -218,7 +221,8 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
                     agreements.append(float((expected == prediction.labels).mean()))
                     labels_by_name[sample.name] = prediction.labels
                     kept = reference.logits.get(sample.name)
-                    if kept is not None and kept.shape == prediction.logits.shape:
+                    if kept is not None and prediction.logits is not None \
+                            and kept.shape == prediction.logits.shape:
                         logits = logits_agreement(kept.astype(np.float32), prediction.logits)
                         max_abs.append(logits["max_abs"])
                         cosines.append(logits["cosine"])
