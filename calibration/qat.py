@@ -5,8 +5,9 @@
     torchrun --nproc-per-node 2 calibration/qat.py --data ... --output ...   # DDP
 
 Starts from NNCF post-training quantization of the deploy form at --input-size (calibrated on
---calib-images of the training split), fine-tunes with cross-entropy plus KL distillation from the
-FP32 model, evaluates mIoU every --val-interval iterations, keeps OUTPUT/best.pth and the
+--calib-images of the training split), fine-tunes with KL distillation from the FP32 model (plus
+cross-entropy on the labels with --task-weight > 0; BatchNorm statistics and dropout frozen unless
+--update-bn-stats), evaluates mIoU every --val-interval iterations, keeps OUTPUT/best.pth and the
 resumable OUTPUT/latest.pth (NNCF config + state dict + optimizer; --resume continues), then
 exports the best model:
   --target openvino  OUTPUT/openvino-int8/ (INT8 IR)
@@ -44,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight)
     parser.add_argument("--task-weight", type=float, default=defaults.task_weight,
-                        help="weight of the label loss; 0: pure distillation from FP32")
+                        help="weight of the cross-entropy label loss (default 0: distillation "
+                             "from the FP32 model only; 1 adds the labels, and the INT8 model "
+                             "then drifts from FP32)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--update-bn-stats", action="store_true",
                         help="update BatchNorm running statistics and use dropout while training "

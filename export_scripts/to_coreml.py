@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from lrformer_edge.cli import add_model_arguments
 from lrformer_edge.export import run_export_cli
 from lrformer_edge.export.coreml import (
     INPUT_TYPES,
@@ -38,17 +39,12 @@ from lrformer_edge.export.coreml import (
     CoreMLOptions,
 )
 from lrformer_edge.models.factory import create_model
-from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME")
-    parser.add_argument("--checkpoint", help="default: the variant's bundled weights, if any")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="fixed input size, multiples of 32 (default: the variant's "
-                             "native size)")
+    add_model_arguments(parser)
     defaults = CoreMLOptions()
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="compute precision of the ML program")

@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import argparse
 
+from lrformer_edge.cli import add_model_arguments
 from lrformer_edge.export import run_export_cli
 from lrformer_edge.export.onnx import MAX_OPSET, MIN_OPSET, ParityThresholds, export_onnx
 from lrformer_edge.models.factory import create_model
-from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME",
-                        help=f"registry name (default {BUNDLED_MODEL}); see list_models()")
-    parser.add_argument("--checkpoint", help="checkpoint to export (default: the variant's bundled "
-                                             "weights, if any)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="fixed input size, multiples of 32 (default: the variant's native size)")
+    add_model_arguments(parser)
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, default=1, help="fixed batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")

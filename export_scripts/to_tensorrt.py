@@ -25,8 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from lrformer_edge.cli import add_model_arguments
 from lrformer_edge.export import run_export_cli
-from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
 TENSORRT_MISSING_EXIT = 3
 
@@ -34,10 +34,7 @@ TENSORRT_MISSING_EXIT = 3
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME")
-    parser.add_argument("--checkpoint", help="default: the variant's bundled weights, if any")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="fixed input size, multiples of 32 (default: the variant's native size)")
+    add_model_arguments(parser)
     precision = parser.add_mutually_exclusive_group(required=True)
     for name in ("int8", "fp16", "fp32"):
         precision.add_argument(f"--{name}", dest="precision", action="store_const", const=name)

@@ -43,14 +43,15 @@ def atomic_write(path: str | os.PathLike, write, suffix: str = ".partial") -> Pa
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | os.PathLike):
+def staged_directory(target: str | os.PathLike, suffix: str = ""):
     """Yield an empty sibling folder to fill; on success it replaces ``target`` (the previous
-    one is removed only afterwards), on any error it is deleted: never a half-written folder."""
+    one is removed only afterwards), on any error it is deleted: never a half-written folder.
+    ``suffix`` ends the staging folder's name (tools that insist on ``.mlpackage``)."""
     import shutil
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
     staging.chmod(default_file_mode() | 0o111)  # mkdtemp makes 0700; a model folder is shared
     try:
         yield staging

@@ -337,9 +337,16 @@ def train(config: TrainConfig) -> dict:
                "history": history, "train_minutes": (time.time() - started) / 60,
                "world_size": info.world_size, "device": str(device),
                "config": _jsonable(asdict(config))}
+    return finish_run(info, work_dir, summary)
+
+
+def finish_run(info: DistInfo, work_dir: Path, summary: dict) -> dict:
+    """Write WORK_DIR/summary.json (main process), then leave the process group together."""
     if info.is_main:
-        (work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if info.world_size > 1:
+        import torch.distributed as dist
+
         dist.barrier()
         dist.destroy_process_group()
     return summary

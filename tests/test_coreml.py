@@ -66,6 +66,10 @@ def test_fp16_package_structure_and_metadata(fp16_package, tiny):
     assert report.op_counts.get("scaled_dot_product_attention") == attention_layers(tiny)
     assert "softmax" not in report.op_counts
     assert set(report.weight_dtypes) == {"float16"}
+    from lrformer_edge.files import default_file_mode
+
+    # Written through a temporary folder, yet with the mode of a normal folder (not mkdtemp's).
+    assert fp16_package.path.stat().st_mode & 0o777 == default_file_mode() | 0o111
     metadata = report.metadata
     assert metadata[PREVIEW_TYPE_KEY] == "imageSegmenter"
     assert json.loads(metadata[PREVIEW_PARAMS_KEY])["labels"] == list(tiny.config.data.class_names)

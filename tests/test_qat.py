@@ -76,7 +76,8 @@ def test_calibration_from_a_video_file(tmp_path):
 
 def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_path):
     work = tmp_path / "qat"
-    summary = train_qat(_config(dataset, work), log=lambda *_: None)
+    # With the label loss too (the default is distillation only).
+    summary = train_qat(_config(dataset, work, task_weight=1.0), log=lambda *_: None)
     assert {"fp32_mIoU", "ptq_mIoU", "best", "history"} <= set(summary)
     assert (work / "best.pth").is_file() and (work / "latest.pth").is_file()
     resumed = train_qat(_config(dataset, work, iters=3, resume=True), log=lambda *_: None)

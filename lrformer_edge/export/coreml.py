@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +23,7 @@ import numpy as np
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import ArtifactCheckError, ExportResult
+from lrformer_edge.files import default_file_mode, staged_directory
 from lrformer_edge.runners.base import require
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
@@ -176,26 +173,6 @@ def _describe(mlmodel, model, input_size, options: CoreMLOptions, metadata: dict
     user[PREVIEW_PARAMS_KEY] = json.dumps({"labels": list(data.class_names)})
 
 
-@contextmanager
-def _staged_package(output: Path):
-    """Yield a temporary package path beside ``output``; on success it replaces ``output``,
-    on any error it is deleted: never half a package under the user's name."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        staged = staging_root / output.name  # coremltools wants the .mlpackage suffix
-        yield staged
-        backup = None
-        if output.exists():
-            backup = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, backup)
-        os.replace(staged, output)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
-
-
 def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".mlpackage":
@@ -243,8 +220,9 @@ def export_coreml(model, output: str | Path, input_size=None,
                 else "logits (1, num_classes, H, W) float32 at input resolution"),
         **quantization)
     _describe(mlmodel, model, input_size, options, metadata)
-    with _staged_package(output) as staged:
-        mlmodel.save(str(staged))
+    with staged_directory(output, suffix=".mlpackage") as staged:
+        mlmodel.save(str(staged))  # replaces the empty folder with the package
+        staged.chmod(default_file_mode() | 0o111)
         report = inspect_package(staged)
         weights = compare_weights(staged, adapter, aliases)
         result = ExportResult(output, None, time.time() - start, report.op_counts,
