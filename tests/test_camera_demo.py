@@ -158,8 +158,11 @@ def test_cli_reference_check_ctrl_c_and_summary(clip, onnx_model, tmp_path):
     command = [sys.executable, str(REPO / "deploy/camera_demo.py"), "--artifact", str(onnx_model),
                "--source", str(clip), "--serve", "0", "--hold", "--reference-every", "2",
                "--output", str(tmp_path / "out.avi"), "--summary-json", str(tmp_path / "s.json")]
+    # As in a terminal: a test run started in the background (``cmd &`` in a script) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler in the demo.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path)
+                               cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         while not any("serving MJPEG at http://127.0.0.1:" in line for line in lines):
