@@ -201,11 +201,18 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, data_config, device
     shard = (dataset[i] for i in range(info.rank, count, info.world_size))
     with SegmentationPipeline(TorchRunner(model, device=str(device)), data_config) as pipeline:
         matrix, _ = confusion_of(pipeline, shard)
+    return summed_over_processes(matrix, info).compute()
+
+
+def summed_over_processes(matrix, info: DistInfo):
+    """The confusion matrix of every process's shard together (all-reduce under DDP)."""
     if info.world_size > 1:
+        import torch.distributed as dist
+
         totals = torch.from_numpy(matrix.matrix)
         dist.all_reduce(totals)
         matrix.matrix = totals.numpy()
-    return matrix.compute()
+    return matrix
 
 
 # ----------------------------------------------------------------------------- the loop

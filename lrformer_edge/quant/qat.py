@@ -152,12 +152,10 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
 
 def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> dict:
     """mIoU through the common pipeline at the model's fixed input size (sharded under DDP)."""
-    import torch.distributed as dist
-
     from lrformer_edge.evaluation import confusion_of
     from lrformer_edge.pipeline import SegmentationPipeline
     from lrformer_edge.runners.torch import TorchRunner
-    from lrformer_edge.training import DistInfo
+    from lrformer_edge.training import DistInfo, summed_over_processes
 
     info = info or DistInfo()
     shard = [s for i, s in enumerate(samples) if i % info.world_size == info.rank]
@@ -166,11 +164,7 @@ def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> d
                          torch.cuda.is_available() else None)
     with SegmentationPipeline(runner, data_config, input_size) as pipeline:
         matrix, _ = confusion_of(pipeline, shard)
-    if info.world_size > 1:
-        totals = torch.from_numpy(matrix.matrix)
-        dist.all_reduce(totals)
-        matrix.matrix = totals.numpy()
-    return matrix.compute()
+    return summed_over_processes(matrix, info).compute()
 
 
 def train_qat(config: QATConfig, log=print) -> dict:
