@@ -94,11 +94,9 @@ class Candidate:
 
 
 def _artifact_mib(artifact) -> float | None:
-    if artifact is None:
-        return None
-    files = list(artifact.rglob("*")) if artifact.is_dir() else \
-        [artifact, artifact.with_suffix(".bin")]
-    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+    from lrformer_edge.files import artifact_size_bytes
+
+    return None if artifact is None else artifact_size_bytes(artifact) / 2**20
 
 
 def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log):

@@ -16,6 +16,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def artifact_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes of an artifact: every file of a folder (OpenVINO IR folder, Core ML package), an
+    OpenVINO ``.xml`` with its ``.bin``, or the one file."""
+    path = Path(path)
+    if path.is_dir():
+        files = list(path.rglob("*"))
+    else:
+        files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def default_file_mode() -> int:
     """What open() would give a new file (mkstemp's temporaries are 0600)."""
     mask = os.umask(0)

@@ -23,7 +23,7 @@ import numpy as np
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import ArtifactCheckError, ExportResult
-from lrformer_edge.files import default_file_mode, staged_directory
+from lrformer_edge.files import artifact_size_bytes, default_file_mode, staged_directory
 from lrformer_edge.runners.base import require
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
@@ -126,10 +126,10 @@ def _convert(ct, adapter, input_size, options: CoreMLOptions):
     output_dtype = np.int32 if options.output_type == "labels" else np.float32
     precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
     mlmodel = ct.convert(program, inputs=inputs,
-                      outputs=[ct.TensorType(name=options.output_type, dtype=output_dtype)],
-                      convert_to="mlprogram", compute_precision=precision,
-                      minimum_deployment_target=getattr(ct.target, options.target),
-                      skip_model_load=sys.platform != "darwin")
+                         outputs=[ct.TensorType(name=options.output_type, dtype=output_dtype)],
+                         convert_to="mlprogram", compute_precision=precision,
+                         minimum_deployment_target=getattr(ct.target, options.target),
+                         skip_model_load=sys.platform != "darwin")
     return mlmodel, weight_aliases(program)
 
 
@@ -202,7 +202,7 @@ def export_coreml(model, output: str | Path, input_size=None,
     if options.w8a8:
         from lrformer_edge.quant.w8a8 import W8A8Settings, quantize_w8a8
 
-        settings = W8A8Settings(calibration_images=len(calibration.batches))
+        settings = W8A8Settings()
         deployed = quantize_w8a8(deployed, calibration, settings)
         quantization = {"quantization": settings.as_dict(),
                         "calibration_set": calibration.describe(),
@@ -223,8 +223,9 @@ def export_coreml(model, output: str | Path, input_size=None,
     with staged_directory(output, suffix=".mlpackage") as staged:
         mlmodel.save(str(staged))  # replaces the empty folder with the package
         staged.chmod(default_file_mode() | 0o111)
-        report = inspect_package(staged)
-        weights = compare_weights(staged, adapter, aliases)
+        spec, program = _load_program(staged)
+        report = _package_report(staged, spec, program)
+        weights = _compare_weights(program, adapter, aliases)
         result = ExportResult(output, None, time.time() - start, report.op_counts,
                               {**decode_metadata(metadata), "package": report.as_dict(),
                                "weights": weights.as_dict()})
@@ -273,14 +274,18 @@ COMPUTE_OPS = {"conv", "linear", "matmul", "scaled_dot_product_attention"}
 
 
 def _load_program(path: Path):
+    """(spec, MIL program) of a package on disk: the one read every inspection shares."""
     ct = _coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 
+    path = Path(path)
+    if not (path / "Manifest.json").is_file():
+        raise ValueError(f"{path} is not a Core ML package (no Manifest.json)")
     mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
     spec = mlmodel.get_spec()
     if not spec.HasField("mlProgram"):
         raise ValueError(f"{path} is not an ML program (neural-network packages are not supported)")
-    return mlmodel, spec, load_mil(spec, spec.specificationVersion, mlmodel.weights_dir)
+    return spec, load_mil(spec, spec.specificationVersion, mlmodel.weights_dir)
 
 
 def _feature(description) -> dict:
@@ -326,10 +331,10 @@ def _weight_ops(operations):
 def inspect_package(path: str | Path) -> PackageReport:
     """What a package holds, read from disk (works on Linux): spec version, I/O, op histogram,
     compute dtypes, weight storage and metadata."""
-    path = Path(path)
-    if not (path / "Manifest.json").is_file():
-        raise ValueError(f"{path} is not a Core ML package (no Manifest.json)")
-    mlmodel, spec, program = _load_program(path)
+    return _package_report(Path(path), *_load_program(path))
+
+
+def _package_report(path: Path, spec, program) -> PackageReport:
     operations = list(program.functions["main"].operations)
     counts = Counter(op.op_type for op in operations)
     compute = Counter()
@@ -337,7 +342,6 @@ def inspect_package(path: str | Path) -> PackageReport:
         if op.op_type in COMPUTE_OPS:
             compute[str(op.outputs[0].dtype.__name__)] += 1
     storage = Counter(kind for _, kind in _weight_ops(operations))
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return PackageReport(
         spec_version=spec.specificationVersion,
         target=TARGET_OF_SPEC_VERSION.get(spec.specificationVersion, "unknown"),
@@ -345,7 +349,7 @@ def inspect_package(path: str | Path) -> PackageReport:
         outputs=[_feature(d) for d in spec.description.output],
         op_counts=dict(sorted(counts.items())), compute_dtypes=dict(compute),
         weight_dtypes=dict(storage), metadata=dict(spec.description.metadata.userDefined),
-        size_bytes=size)
+        size_bytes=artifact_size_bytes(path))
 
 
 WEIGHT_NAME_SUFFIXES = ("_quantized", "_palettized", "_cast_fp16", "_to_fp16", "_to_fp32")
@@ -385,7 +389,10 @@ def compare_weights(path: str | Path, torch_module, aliases: dict[str, str] | No
     """Read every weight back from the package and compare it with ``torch_module``'s (the module
     that was exported: its parameter names are the package's weight names; ``aliases`` from
     ``weight_aliases`` for W8A8 packages)."""
-    _, _, program = _load_program(Path(path))
+    return _compare_weights(_load_program(path)[1], torch_module, aliases)
+
+
+def _compare_weights(program, torch_module, aliases: dict[str, str] | None) -> WeightComparison:
     stored = _package_weights(program, aliases or {})
     expected = {_export_name(name): p.detach().float().numpy()
                 for name, p in torch_module.named_parameters() if p.dim() >= 2}
@@ -466,12 +473,10 @@ def proxy_model(model, package: str | Path, input_size=None, calibration=None):
     from lrformer_edge.models.deploy import check_input_size, to_deploy
 
     package = Path(package)
-    report = inspect_package(package)
-    from lrformer_edge.export.metadata import decode_metadata
-
+    spec, program = _load_program(package)
+    report = _package_report(package, spec, program)
     metadata = decode_metadata(report.metadata)
-    input_size = check_input_size(input_size or metadata.get("input_size")
-                                  or model.config.data.native_size)
+    input_size = check_input_size(input_size or _input_size(report))
     options = metadata.get("coreml_options") or {}
     deployed = to_deploy(model, input_size).eval()
     aliases = {}
@@ -483,12 +488,10 @@ def proxy_model(model, package: str | Path, input_size=None, calibration=None):
             raise ValueError(
                 f"{package} is W8A8, calibrated on a set with SHA-256 {recorded}; pass that same "
                 f"calibration set (got {calibration.sha256 if calibration else 'none'})")
-        deployed = quantize_w8a8(deployed, calibration,
-                                 W8A8Settings(calibration_images=len(calibration.batches)))
+        deployed = quantize_w8a8(deployed, calibration, W8A8Settings())
         example = torch.zeros(1, 3, *input_size)
         with torch.no_grad():
             aliases = weight_aliases(torch.export.export(deployed, (example,)))
-    _, _, program = _load_program(package)
     stored = _package_weights(program, {k: _strip_prefix(v) for k, v in aliases.items()})
     loaded = 0
     with torch.no_grad():
@@ -506,6 +509,7 @@ def proxy_model(model, package: str | Path, input_size=None, calibration=None):
                     (-1,) + (1,) * (buffer.dim() - 1))).to(torch.int8))
                 loaded += 1
     deployed.package_weights_loaded = loaded
+    deployed.package_input_size = input_size
     return deployed
 
 
@@ -521,7 +525,7 @@ def proxy_accuracy(model, package: str | Path, images: int = 20, calibration=Non
     from lrformer_edge.pipeline import SegmentationPipeline
 
     proxy = proxy_model(model, package, calibration=calibration)
-    size = proxy_input_size(package)
+    size = proxy.package_input_size
     samples = procedural_validation_samples(images)
     result = against_ground_truth(model, SegmentationPipeline.from_model(proxy, size), samples,
                                   size)
@@ -530,6 +534,6 @@ def proxy_accuracy(model, package: str | Path, images: int = 20, calibration=Non
             "weights_read_back": proxy.package_weights_loaded}
 
 
-def proxy_input_size(package: str | Path) -> tuple[int, int]:
-    shape = inspect_package(package).inputs[0]["shape"]
+def _input_size(report: PackageReport) -> tuple[int, int]:
+    shape = report.inputs[0]["shape"]
     return int(shape[2]), int(shape[3])

@@ -59,10 +59,9 @@ class ExportResult:
     metadata: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        # An OpenVINO IR is .xml + .bin; a Core ML package is a folder.
-        files = list(self.path.rglob("*")) if self.path.is_dir() else \
-            [self.path, self.path.with_suffix(".bin")]
-        size = sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+        from lrformer_edge.files import artifact_size_bytes
+
+        size = artifact_size_bytes(self.path) / 2**20
         nodes = f"{sum(self.op_counts.values())} nodes, " if self.op_counts else ""
         lines = [f"wrote {self.path} ({size:.1f} MiB, {nodes}{self.seconds:.1f} s)"]
         if self.parity is not None:

@@ -32,7 +32,6 @@ WEIGHT_MAX = 127  # symmetric weights use -127..127 so that negation is exact
 @dataclass(frozen=True)
 class W8A8Settings:
     activation_percentile: float = 99.99  # of |x| per calibration image, then averaged
-    calibration_images: int = 64
 
     def as_dict(self) -> dict:
         return {"scheme": "W8A8 symmetric int8, zero-point 0",

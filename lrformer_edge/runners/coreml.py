@@ -44,15 +44,15 @@ class CoreMLRunner(Runner):
         super().__init__(name or f"coreml:{path.name}:{compute_units}")
         self.path, self.compute_units = path, compute_units
         from lrformer_edge.export.coreml import inspect_package
+        from lrformer_edge.export.metadata import decode_metadata
 
         self.report = inspect_package(path)
+        self._metadata = decode_metadata(self.report.metadata)
         self._model = None
 
     @property
     def metadata(self) -> dict:
-        from lrformer_edge.export.metadata import decode_metadata
-
-        return decode_metadata(self.report.metadata)
+        return dict(self._metadata)
 
     @property
     def _package_input(self) -> dict:
@@ -70,7 +70,7 @@ class CoreMLRunner(Runner):
     def settings(self) -> dict:
         return {"compute_units": self.compute_units,
                 "input": self._package_input["kind"],
-                "coreml_options": self.metadata.get("coreml_options")}
+                "coreml_options": self._metadata.get("coreml_options")}
 
     def _activate(self) -> None:
         reason = coreml_unavailable_reason()
@@ -89,9 +89,8 @@ class CoreMLRunner(Runner):
             return {spec["name"]: batch}
         from PIL import Image
 
-        metadata = self.metadata
-        mean = np.asarray(metadata["mean"], np.float32).reshape(3, 1, 1)
-        std = np.asarray(metadata["std"], np.float32).reshape(3, 1, 1)
+        mean = np.asarray(self._metadata["mean"], np.float32).reshape(3, 1, 1)
+        std = np.asarray(self._metadata["std"], np.float32).reshape(3, 1, 1)
         pixels = np.clip(np.rint(batch[0] * std + mean), 0, 255).astype(np.uint8)
         return {spec["name"]: Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))}
 

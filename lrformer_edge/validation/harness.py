@@ -109,10 +109,9 @@ class _PeakMemory:
 
 
 def artifact_size_mib(path: Path) -> float | None:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-    files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
-    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+    from lrformer_edge.files import artifact_size_bytes
+
+    return artifact_size_bytes(path) / 2**20
 
 
 def artifact_metadata_of(path: Path) -> dict | None:
