@@ -10,6 +10,7 @@ import pytest
 
 import lrformer_edge
 from lrformer_edge.export.onnx import ParityError, ParityThresholds
+from lrformer_edge.models.deploy import to_deploy
 from lrformer_edge.models.reference_weights import manifest_of, reference_state_dict
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.runners import load_runner
@@ -118,6 +119,45 @@ def test_int8_from_an_image_folder_records_its_calibration(tiny, tmp_path):
     assert result.parity.pixel_agreement > 0.95
     xml = result.path.read_text()
     assert "FakeQuantize" in xml or "FakeConvert" in xml  # really quantized
+    _assert_pooling_stays_float(result.path, fp32_pools=len(_pooling_matmuls_of(tiny, tmp_path)))
+
+
+def _pooling_matmuls_of(tiny, tmp_path):
+    import openvino as ov
+
+    from lrformer_edge.quant.ptq import pooling_matmuls
+
+    fp32 = export_openvino(tiny, tmp_path / "fp32-pools", (64, 96), "fp32")
+    return pooling_matmuls(ov.Core().read_model(str(fp32.path)))
+
+
+def _assert_pooling_stays_float(xml_path, fp32_pools: int) -> None:
+    """The exact-pooling MatMuls keep their constant averaging matrix and a float input: NNCF
+    left them alone (an int8 MatMul with weights on the left does not compile on the CPU)."""
+    import openvino as ov
+
+    from lrformer_edge.quant.ptq import pooling_matmuls
+
+    model = ov.Core().read_model(str(xml_path))
+    names = set(pooling_matmuls(model))
+    assert fp32_pools > 0 and len(names) == fp32_pools
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name() in names:
+            assert op.input_value(1).get_node().get_type_name() != "FakeQuantize"
+
+
+def test_a_runner_that_cannot_compile_says_so(fp32_ir, tiny):
+    from lrformer_edge.export.onnx import ArtifactCheckError, check_parity
+    from lrformer_edge.runners.base import RunnerStateError
+
+    runner = OpenVINORunner(fp32_ir.path, device="NO_SUCH_DEVICE")
+    with pytest.raises(RunnerStateError, match=f"OpenVINO cannot compile {fp32_ir.path.name} "
+                                               f"for NO_SUCH_DEVICE"):
+        with runner:
+            pass
+    feed = np.zeros((1, 3, 64, 96), np.float32)
+    with pytest.raises(ArtifactCheckError, match="the IR cannot be run: OpenVINO cannot compile"):
+        check_parity(to_deploy(tiny, (64, 96)), runner, feed, None, "the IR")
 
 
 def test_int8_requires_calibration(tiny, tmp_path):

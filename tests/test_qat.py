@@ -104,6 +104,9 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
 
     ops = {op.get_type_name() for op in ov.Core().read_model(str(ir.path)).get_ops()}
     assert "FakeQuantize" in ops
+    from lrformer_edge.quant.ptq import pooling_matmuls
+
+    assert pooling_matmuls(ov.Core().read_model(str(ir.path)))  # pooling stays float in QAT too
 
     qdq = export_qat_qdq_onnx(model, payload, tmp_path / "qat.onnx", feed)
     assert qdq.parity.pixel_agreement >= 0.99
@@ -120,6 +123,10 @@ def test_restore_rejects_other_files(tmp_path):
         restore(other)
     with pytest.raises(ValueError, match="does not exist"):
         restore(tmp_path / "missing.pth")
+    older = tmp_path / "older.pth"
+    torch.save({"format": "lrformer-edge-qat/1", "state_dict": {}}, older)
+    with pytest.raises(ValueError, match="written by an older version .* run calibration/qat.py"):
+        restore(older)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from lrformer_edge.export.tensorrt import (
     tensorrt_unavailable_reason,
 )
 from lrformer_edge.quant.calibration import build_calibration_set
-from lrformer_edge.quant.qdq import qdq_problems, to_signed_int8
+from lrformer_edge.quant.qdq import pooling_matmuls, qdq_problems, to_signed_int8
 from lrformer_edge.runners import MissingDependencyError, load_runner
 from lrformer_edge.registry import BUNDLED_MODEL
 from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
@@ -106,6 +106,10 @@ def test_int8_onnx_has_the_form_tensorrt_takes(int8_onnx):
     for node in graph.graph.node:  # sensitive ops and resizes are fed float, not int8 via DQ
         if node.op_type in ("LayerNormalization", "Softmax", "Resize"):
             assert producers.get(node.input[0]) != "DequantizeLinear", node.name
+    # The exact-pooling MatMuls keep their constant averaging matrix and a float input.
+    pools = pooling_matmuls(graph)
+    assert pools and all(producers.get(n.input[1]) != "DequantizeLinear"
+                         for n in graph.graph.node if n.name in pools)
     quantization = result.metadata["quantization"]
     assert quantization["per_channel_weights"] == quantization["int8_weights"] > 0
     assert result.metadata["calibration_set"]["sha256"] == int8_onnx[2].sha256

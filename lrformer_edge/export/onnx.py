@@ -85,10 +85,15 @@ def check_parity(model, runner, feed: np.ndarray, thresholds: ParityThresholds |
     ``ParityError`` naming ``name`` when a threshold is crossed."""
     import torch
 
+    from lrformer_edge.runners.base import RunnerStateError
+
     with torch.no_grad():
         reference = model(torch.from_numpy(feed)).numpy()
-    with runner:
-        candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
+    try:
+        with runner:
+            candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
+    except RunnerStateError as error:  # the artifact does not load or compile
+        raise ArtifactCheckError(f"{name} cannot be run: {error}") from None
     agreement = compare_logits(reference, candidate)
     if thresholds is not None:
         problems = thresholds.violations(agreement)

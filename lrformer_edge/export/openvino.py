@@ -15,6 +15,7 @@ import numpy as np
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import (
     OUTPUT_NAME,
+    ArtifactCheckError,
     ExportResult,
     ParityThresholds,
     check_parity,
@@ -23,7 +24,7 @@ from lrformer_edge.export.onnx import (
 )
 from lrformer_edge.files import staged_directory
 from lrformer_edge.models.deploy import check_input_size, to_deploy
-from lrformer_edge.runners.base import require
+from lrformer_edge.runners.base import RunnerStateError, require
 from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
 
 IR_PRECISIONS = ("fp32", "fp16", "int8")
@@ -82,9 +83,13 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
 def compiles_under_every_hint(xml: Path) -> None:
     """Compile and run once under each precision hint: an IR that fails any is not shipped."""
     for hint in PRECISIONS:
-        with OpenVINORunner(xml, precision=hint) as runner:
-            spec = runner.input_specs[0]
-            shape = tuple(1 if d is None else d for d in spec.shape)
-            output = runner.infer({spec.name: np.zeros(shape, np.float32)})[OUTPUT_NAME]
-            if not np.isfinite(output).all():
-                raise RuntimeError(f"{xml.name} gives non-finite outputs at precision {hint}")
+        try:
+            with OpenVINORunner(xml, precision=hint) as runner:
+                spec = runner.input_specs[0]
+                shape = tuple(1 if d is None else d for d in spec.shape)
+                output = runner.infer({spec.name: np.zeros(shape, np.float32)})[OUTPUT_NAME]
+        except RunnerStateError as error:
+            raise ArtifactCheckError(f"{xml.name} does not compile at precision {hint}: "
+                                     f"{error}") from None
+        if not np.isfinite(output).all():
+            raise ArtifactCheckError(f"{xml.name} gives non-finite outputs at precision {hint}")

@@ -10,9 +10,17 @@ exact static equivalent for the chosen input size:
   bins adaptive pooling averages (``floor(i*n/m) .. ceil((i+1)*n/m)``) — two MatMuls;
 
 attention runs through ``scaled_dot_product_attention`` (which backends fuse), and every size is a
-Python constant fixed at conversion time. Parameters and their names are untouched (matrices are
-non-persistent buffers), so ``state_dict()`` keys stay identical, and converting a converted model
-again (for another size) is safe.
+Python constant fixed at conversion time.
+
+The reference backbone, like the official code, keeps its state as tokens (B, N, C) and turns it
+into an NCHW map and back around every convolution: six full-resolution transposes per block,
+which inference engines execute as memory copies (OpenVINO spent about a fifth of its INT8 time
+on them). The deploy backbone keeps NCHW maps from stem to head and applies each LayerNorm over
+the channel axis instead; the arithmetic is the same, element for element.
+
+Parameters and their names are untouched (matrices are non-persistent buffers), so
+``state_dict()`` keys stay identical, and converting a converted model again (for another size)
+is safe.
 """
 from __future__ import annotations
 
@@ -26,8 +34,10 @@ from torch import nn
 
 from lrformer_edge.models.lrformer import (
     INPUT_ALIGNMENT,
+    BackboneBlock,
     HeadLowResolutionAttention,
     LowResolutionAttention,
+    LRFormerBackbone,
     LRFormerSegmentor,
     pooled_size,
 )
@@ -54,9 +64,9 @@ class StaticPool(nn.Module):
         if self.divides:
             self.kernel = (H // h, W // w)
         else:
-            self.register_buffer("rows_t", torch.from_numpy(adaptive_pool_matrix(H, h).T).float(),
+            self.register_buffer("rows", torch.from_numpy(adaptive_pool_matrix(H, h)).float(),
                                  persistent=False)
-            self.register_buffer("cols_t", torch.from_numpy(adaptive_pool_matrix(W, w).T).float(),
+            self.register_buffer("cols", torch.from_numpy(adaptive_pool_matrix(W, w)).float(),
                                  persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +74,15 @@ class StaticPool(nn.Module):
             if self.kernel == (1, 1):
                 return x
             return F.avg_pool2d(x, self.kernel, self.kernel)
-        # Both products multiply by a 2-D right operand: one GEMM each, on every backend.
-        pooled_cols = torch.matmul(x, self.cols_t)  # (B, C, H, w)
-        return torch.matmul(pooled_cols.transpose(-1, -2), self.rows_t).transpose(-1, -2)
+        # Multiplying channels-last rows needs no transpose of the full-resolution map on engines
+        # that hold it channels-last anyway (OpenVINO's CPU plugin, TensorRT); both products are
+        # one GEMM with a constant left operand.
+        (H, W), (h, w) = self.in_size, self.out_size
+        batch, channels = x.shape[0], x.shape[1]
+        rows_last = x.permute(0, 2, 3, 1).reshape(batch, H, W * channels)
+        pooled_rows = torch.matmul(self.rows, rows_last).reshape(batch * h, W, channels)
+        pooled = torch.matmul(self.cols, pooled_rows)  # (B*h, w, C)
+        return pooled.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         mode = f"avg_pool {self.kernel}" if self.divides else "averaging matrices"
@@ -107,28 +123,74 @@ class _StaticAttentionMixin:
         default = self.scale == q.shape[-1] ** -0.5
         return F.scaled_dot_product_attention(q, k, v, scale=None if default else self.scale)
 
+    def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
+        if not torch.jit.is_tracing() and tuple(x.shape[2:]) != self.feature_size:
+            raise ValueError(
+                f"this deploy-form model was converted for feature maps of {self.feature_size}, "
+                f"got {tuple(x.shape[2:])}; call to_deploy(model, input_size) for this size")
+        return self.feature_size
+
 
 class StaticLowResolutionAttention(_StaticAttentionMixin, LowResolutionAttention):
     """Backbone LRSA for one fixed feature-map size (same parameters, same names)."""
-
-    def forward(self, x, height, width, d_convs):
-        _check_size(self, height, width)
-        return super().forward(x, *self.feature_size, d_convs)
 
 
 class StaticHeadLowResolutionAttention(_StaticAttentionMixin, HeadLowResolutionAttention):
     """Decoder LRSA for one fixed feature-map size."""
 
-    def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
-        _check_size(self, x.shape[2], x.shape[3])
-        return self.feature_size
+
+def channel_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm`` over the channels of an NCHW map: the reference's token LayerNorm, in place.
+
+    Engines fold the two permutes into the normalisation (OpenVINO runs one MVN on its
+    channels-last layout), where the reference's token round trips stay as copies.
+    """
+    mean = x.mean(1, keepdim=True)
+    centred = x - mean
+    var = (centred * centred).mean(1, keepdim=True)
+    return centred / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
 
-def _check_size(module, height, width) -> None:
-    if not torch.jit.is_tracing() and (int(height), int(width)) != module.feature_size:
-        raise ValueError(
-            f"this deploy-form model was converted for feature maps of {module.feature_size}, "
-            f"got {(int(height), int(width))}; call to_deploy(model, input_size) for this size")
+class DeployBackboneBlock(BackboneBlock):
+    """The backbone block on NCHW maps: same parameters, same order of operations."""
+
+    def forward(self, x: torch.Tensor, d_convs: nn.ModuleList) -> torch.Tensor:  # type: ignore[override]
+        x = self.cpe(x) + x
+        attn = self.attn.forward_map(channel_layer_norm(x, self.norm1), d_convs)
+        if self.layer_scale_1 is not None:
+            attn = self.layer_scale_1[:, None, None] * attn
+        x = x + self.drop_path(attn)
+        mlp = self.mlp(channel_layer_norm(x, self.norm2))
+        if self.layer_scale_2 is not None:
+            mlp = self.layer_scale_2[:, None, None] * mlp
+        return x + self.drop_path(mlp)
+
+
+class DeployBackbone(LRFormerBackbone):
+    """The backbone with NCHW maps from stem to head (no token round trips)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for patch_embed, blocks, d_convs in self.stages():
+            x = channel_layer_norm(patch_embed.project(x), patch_embed.norm)
+            for block in blocks:
+                x = block(x, d_convs)
+            features.append(x)
+        return features
+
+
+def _adopt(cls, module: nn.Module) -> nn.Module:
+    """An instance of ``cls`` holding ``module``'s own parameters, buffers and children."""
+    if isinstance(module, cls):
+        return module
+    adopted = cls.__new__(cls)
+    nn.Module.__init__(adopted)
+    for key, value in vars(module).items():
+        if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            getattr(adopted, key).update(value)
+        elif not key.startswith("_"):
+            adopted.__dict__[key] = value
+    return adopted
 
 
 def _static_class_for(module: nn.Module):
@@ -162,8 +224,11 @@ def to_deploy(model: LRFormerSegmentor, input_size, inplace: bool = False) -> LR
     height, width = check_input_size(input_size)
     deployed = model if inplace else copy.deepcopy(model)
     stage_sizes = [(height // s, width // s) for s in (4, 8, 16, 32)]
+    deployed.backbone = _adopt(DeployBackbone, deployed.backbone)
     for stage, size in enumerate(stage_sizes, start=1):
-        for block in getattr(deployed.backbone, f"block{stage}"):
+        blocks = getattr(deployed.backbone, f"block{stage}")
+        for index, block in enumerate(blocks):
+            block = blocks[index] = _adopt(DeployBackboneBlock, block)
             block.attn = _static_class_for(block.attn).from_module(block.attn, size)
     head = deployed.decode_head
     head_size = stage_sizes[head.in_index[0]]

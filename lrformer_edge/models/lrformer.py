@@ -80,7 +80,7 @@ class LowResolutionAttention(nn.Module):
     Queries are average-pooled to a ``q_pooled_size`` grid (aspect-ratio aware), keys/values
     come from a pyramid of pooled grids, each refined by the stage's shared depthwise conv, and
     the attended result is bilinearly upsampled back to the feature map.
-    Works on tokens (B, N, C) with the map size given.
+    ``forward`` works on tokens (B, N, C) with the map size given, ``forward_map`` on NCHW maps.
     """
 
     def __init__(self, dim: int, num_heads: int, q_pooled_size: int,
@@ -113,8 +113,12 @@ class LowResolutionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int,
                 d_convs: nn.ModuleList) -> torch.Tensor:
-        batch, _, channels = x.shape
-        feature_map = tokens_to_map(x, height, width)
+        return map_to_tokens(self.forward_map(tokens_to_map(x, height, width), d_convs))
+
+    def forward_map(self, feature_map: torch.Tensor, d_convs: nn.ModuleList) -> torch.Tensor:
+        """The same attention on an NCHW map, returning the NCHW map."""
+        batch, channels = feature_map.shape[0], self.dim
+        height, width = self.spatial_size(feature_map)
 
         q_grid = pooled_size(height, width, self.q_pooled_size)
         q = map_to_tokens(self.pool(feature_map, q_grid))
@@ -129,8 +133,10 @@ class LowResolutionAttention(nn.Module):
 
         out = self.attend(q, self.split_heads(k), self.split_heads(v))
         out = self.proj(out.transpose(1, 2).reshape(batch, -1, channels))
-        out = self.upsample(tokens_to_map(out, *q_grid), (height, width))
-        return map_to_tokens(out)
+        return self.upsample(tokens_to_map(out, *q_grid), (height, width))
+
+    def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return x.shape[2], x.shape[3]
 
 
 class BackboneBlock(nn.Module):
@@ -179,8 +185,11 @@ class Stem(nn.Module):
         )
         self.norm = nn.LayerNorm(out_channels, eps=1e-6)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.conv1(x)
+        x = self.project(x)
         return self.norm(map_to_tokens(x)), x.shape[2], x.shape[3]
 
 
@@ -192,8 +201,11 @@ class OverlapPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
         self.norm = nn.LayerNorm(out_channels, eps=1e-6)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)
+        x = self.project(x)
         return self.norm(map_to_tokens(x)), x.shape[2], x.shape[3]
 
 
@@ -264,9 +276,6 @@ class HeadLowResolutionAttention(LowResolutionAttention):
         super().__init__(dim, num_heads, q_pooled_size, kv_pooled_sizes)
         self.q = nn.Conv2d(dim, dim, 1)
         self.kv = nn.Linear(dim, dim * 2)
-
-    def spatial_size(self, x: torch.Tensor) -> tuple[int, int]:
-        return x.shape[2], x.shape[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         batch, channels = x.shape[0], self.dim

@@ -8,9 +8,12 @@ Settings, and why:
 * SmoothQuant disabled (``smooth_quant_alphas.matmul = -1``): on AMX CPUs the Multiply nodes it
   inserts can fail to compile under the bf16 precision hint; every exported IR is compiled under
   f32, bf16 and f16 before it is written.
-* Ignored scope (``IGNORED_TYPES``): the bilinear ``Interpolate`` nodes (upsampling of attention
-  outputs and the final logits) are never fed quantized tensors by NNCF in any case; the
-  classifier is left to NNCF's defaults. Accuracy control, when asked for, reverts the most
+* Ignored scope: the bilinear ``Interpolate`` nodes (``IGNORED_TYPES``: upsampling of attention
+  outputs and the final logits) and the exact adaptive pooling products (MatMuls whose left
+  operand is a constant averaging matrix, ``pooling_matmuls``): averaging gains nothing from
+  int8, and the CPU plugin cannot compile an int8 MatMul whose weights are on the left (its
+  per-row dequantization scale is fused as if it were per output channel). The classifier is
+  left to NNCF's defaults. Accuracy control, when asked for, reverts the most
   sensitive remaining layers to float until the mIoU drop fits.
 """
 from __future__ import annotations
@@ -31,8 +34,17 @@ def quantization_settings(calibration, max_drop) -> dict:
     return {"quantization": {
         "tool": f"nncf {_nncf().__version__}", "model_type": "TRANSFORMER", "preset": "PERFORMANCE",
         "symmetric": True, "smooth_quant": False, "ignored_types": list(IGNORED_TYPES),
+        "float_ops": "adaptive-pooling MatMuls (constant averaging matrix on the left)",
         "accuracy_control_max_drop_miou_points": max_drop},
         "calibration_set": calibration.describe()}
+
+
+def pooling_matmuls(ov_model) -> list[str]:
+    """Names of the MatMuls that multiply a constant matrix from the left: the deploy form's
+    exact adaptive pooling (attention and linear layers have their weights on the right)."""
+    return [op.get_friendly_name() for op in ov_model.get_ordered_ops()
+            if op.get_type_name() == "MatMul"
+            and op.input_value(0).get_node().get_type_name() == "Constant"]
 
 
 def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None):
@@ -42,7 +54,8 @@ def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None
     common = dict(
         model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
         subset_size=len(calibration.batches),
-        ignored_scope=nncf.IgnoredScope(types=list(IGNORED_TYPES), validate=False))
+        ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(ov_model),
+                                        types=list(IGNORED_TYPES), validate=False))
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1, convolution=-1))
     if max_drop is None:

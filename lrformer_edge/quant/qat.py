@@ -27,7 +27,9 @@ from lrformer_edge.data.datasets import IGNORE_INDEX
 from lrformer_edge.runners.base import require
 
 QAT_TARGETS = ("openvino", "tensorrt", "all")
-CHECKPOINT_FORMAT = "lrformer-edge-qat/1"
+# /2: the deploy form keeps NCHW maps and its pooling MatMuls stay float, so quantizers sit at
+# other places than in /1 checkpoints, which cannot be restored onto it.
+CHECKPOINT_FORMAT = "lrformer-edge-qat/2"
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _nncf():
 
 
 def quantizer_parameters(target: str) -> dict:
-    """Keyword arguments of ``nncf.quantize`` for ``target`` (shared by PTQ init and restore)."""
+    """Keyword arguments of ``nncf.quantize`` for ``target`` (the PTQ that initialises QAT)."""
     nncf = _nncf()
     if target not in QAT_TARGETS:
         raise ValueError(f"target must be one of {QAT_TARGETS}, got {target!r}")
@@ -90,9 +92,25 @@ def quantize_for_training(model, input_size, calibration, target: str):
 
     nncf = _nncf()
     deployed = to_deploy(model, input_size).eval()
-    dataset = nncf.Dataset([torch.from_numpy(b) for b in calibration.batches])
-    return nncf.quantize(deployed, dataset, subset_size=len(calibration.batches),
-                         **quantizer_parameters(target))
+    batches = [torch.from_numpy(b) for b in calibration.batches]
+    ignored = nncf.IgnoredScope(names=_pooling_matmuls(deployed, batches[0]), validate=False)
+    return nncf.quantize(deployed, nncf.Dataset(batches), subset_size=len(batches),
+                         ignored_scope=ignored, **quantizer_parameters(target))
+
+
+def _pooling_matmuls(deployed, example) -> list[str]:
+    """NNCF names of the MatMuls with a constant left operand (the deploy form's exact pooling).
+
+    They stay float, as in the PTQ artifacts: averaging gains nothing from int8, and OpenVINO's
+    CPU plugin cannot compile an int8 MatMul whose constant operand is on the left. NNCF's op
+    names do not say which module ran them (blocks live in ModuleLists), so the graph is asked.
+    """
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+
+    graph = build_nncf_graph(deployed, example)
+    return [node.node_name for node in graph.get_all_nodes() if node.node_type == "matmul"
+            and any(edge.input_port_id == 0 and edge.from_node.node_type == "nncf_model_const"
+                    for edge in graph.get_input_edges(node))]
 
 
 def _freeze_normalization_and_dropout(model: nn.Module) -> None:
@@ -113,9 +131,15 @@ def restore(checkpoint_path: str | Path, map_location="cpu"):
     if not path.is_file():
         raise ValueError(f"QAT checkpoint {path} does not exist")
     payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith(
+            CHECKPOINT_FORMAT.split("/")[0] + "/"):
         raise ValueError(f"{path} is not a QAT checkpoint written by calibration/qat.py "
                          f"(expected format {CHECKPOINT_FORMAT})")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an older version of this toolkit (format "
+                         f"{payload['format']}, this version reads {CHECKPOINT_FORMAT}); its "
+                         f"quantizers do not fit the current deploy form: run calibration/qat.py "
+                         f"again (or continue with the toolkit version that wrote it)")
     model = create_model(payload["variant"], pretrained=False)
     size = tuple(payload["input_size"])
     deployed = to_deploy(model, size).eval()

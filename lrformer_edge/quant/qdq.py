@@ -36,7 +36,8 @@ def quantization_settings(calibration) -> dict:
         "tool": f"nncf {_nncf().__version__} (ONNX backend)", "model_type": "TRANSFORMER",
         "preset": "PERFORMANCE", "format": "Q/DQ, int8, zero-point 0",
         "weights": "per-channel symmetric", "activations": "per-tensor symmetric",
-        "smooth_quant": False, "float_types": list(FLOAT_TYPES)},
+        "smooth_quant": False, "float_types": list(FLOAT_TYPES),
+        "float_ops": "adaptive-pooling MatMuls (constant averaging matrix on the left)"},
         "calibration_set": calibration.describe()}
 
 
@@ -53,9 +54,20 @@ def quantize_qdq(onnx_model, calibration):
     quantized = nncf.quantize(
         onnx_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
         preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(feeds),
-        ignored_scope=nncf.IgnoredScope(types=list(FLOAT_TYPES), validate=False),
+        ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(onnx_model),
+                                        types=list(FLOAT_TYPES), validate=False),
         advanced_parameters=advanced)
     return to_signed_int8(quantized), quantization_settings(calibration)
+
+
+def pooling_matmuls(onnx_model) -> list[str]:
+    """MatMuls with a constant left operand: the deploy form's exact adaptive pooling, kept in
+    float (averaging gains nothing from int8; weights of linear layers are on the right)."""
+    constants = set(_initializers(onnx_model))
+    constants.update(out for node in onnx_model.graph.node if node.op_type == "Constant"
+                     for out in node.output)
+    return [node.name for node in onnx_model.graph.node
+            if node.op_type == "MatMul" and node.input[0] in constants]
 
 
 def _initializers(model) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.runners.base import Runner, TensorSpec, require
+from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, require
 
 PRECISIONS = ("f32", "bf16", "f16")
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
@@ -58,7 +58,15 @@ class OpenVINORunner(Runner):
             config["INFERENCE_NUM_THREADS"] = self.threads
         if self.streams:
             config["NUM_STREAMS"] = self.streams
-        self.compiled = ov.Core().compile_model(self._read(), self.device, config)
+        try:
+            self.compiled = ov.Core().compile_model(self._read(), self.device, config)
+        except RuntimeError as error:
+            # OpenVINO's message is a stack of "Exception from <file>" lines; the check that
+            # failed is the last non-empty one.
+            failed = [line for line in str(error).splitlines() if line.strip()][-1:]
+            raise RunnerStateError(
+                f"OpenVINO cannot compile {self.path.name} for {self.device} with {config}: "
+                f"{failed[0] if failed else error}") from None
         self.request = self.compiled.create_infer_request()
 
     def _deactivate(self) -> None:
