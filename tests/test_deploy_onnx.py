@@ -83,6 +83,29 @@ def test_deploy_keeps_keys_values_and_is_safe_twice(randomised_tiny):
         randomised_tiny.deploy_input_size is None  # the reference is untouched
 
 
+def test_mlp_residual_folding_is_exact_and_reversible(randomised_tiny):
+    from lrformer_edge.models.deploy import ResidualDepthwiseConv2d
+
+    size = (128, 192)
+    folded = to_deploy(randomised_tiny, size)
+    unfolded = to_deploy(folded, size, fold_mlp_residuals=False)
+    convs = [m for m in folded.modules() if isinstance(m, ResidualDepthwiseConv2d)]
+    assert len(convs) == sum(len(list(randomised_tiny.backbone.stages())[i][1])
+                             for i in range(4)) + 2  # every backbone block and both fuse blocks
+    assert not any(isinstance(m, ResidualDepthwiseConv2d) for m in unfolded.modules())
+    assert not [name for name, _ in unfolded.named_buffers() if name.endswith("identity")]
+    assert list(unfolded.state_dict()) == list(randomised_tiny.state_dict())
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = randomised_tiny(x)
+        torch.testing.assert_close(folded(x), reference, atol=1e-4, rtol=0)
+        torch.testing.assert_close(unfolded(x), reference, atol=1e-4, rtol=0)
+    # The folded kernel is the official one plus the identity tap, and nothing else.
+    identity = convs[0].identity
+    assert identity[:, :, 1, 1].eq(1).all() and identity.sum() == identity.shape[0]
+    torch.testing.assert_close(convs[0].folded_weight(), convs[0].weight + identity)
+
+
 def test_deploy_form_rejects_other_sizes(randomised_tiny):
     deployed = to_deploy(randomised_tiny, (256, 256))
     with pytest.raises(ValueError, match="takes 256x256 inputs, got 256x320"):

@@ -197,7 +197,9 @@ def export_coreml(model, output: str | Path, input_size=None,
     if not options.w8a8 and calibration is not None:
         raise ValueError("calibration data applies to W8A8 only")
     start = time.time()
-    deployed = to_deploy(model, input_size).eval()
+    # Unfolded MLP kernels: folding the identity would cost the fp16 centre taps resolution,
+    # and every kernel stays comparable by name with the package (see to_deploy).
+    deployed = to_deploy(model, input_size, fold_mlp_residuals=False).eval()
     quantization = {}
     if options.w8a8:
         from lrformer_edge.quant.w8a8 import W8A8Settings, quantize_w8a8
@@ -478,7 +480,7 @@ def proxy_model(model, package: str | Path, input_size=None, calibration=None):
     metadata = decode_metadata(report.metadata)
     input_size = check_input_size(input_size or _input_size(report))
     options = metadata.get("coreml_options") or {}
-    deployed = to_deploy(model, input_size).eval()
+    deployed = to_deploy(model, input_size, fold_mlp_residuals=False).eval()
     aliases = {}
     if options.get("w8a8"):
         from lrformer_edge.quant.w8a8 import W8A8Settings, quantize_w8a8

@@ -18,6 +18,15 @@ which inference engines execute as memory copies (OpenVINO spent about a fifth o
 on them). The deploy backbone keeps NCHW maps from stem to head and applies each LayerNorm over
 the channel axis instead; the arithmetic is the same, element for element.
 
+``fold_mlp_residuals`` (default): in every MLP, ``h + dwconv(h)`` becomes one depthwise
+convolution whose centre tap is one larger (the identity is added to the kernel in ``forward``,
+so the stored weights stay the official ones and exporters fold it into one constant). The
+hidden map, the widest tensor of the network, is then read once instead of three times, and an
+int8 engine writes it as int8 straight from the first 1x1 convolution (OpenVINO INT8: about 15%
+faster). The price is resolution in the folded kernel's low-precision forms (its int8 scale and
+fp16 centre tap now span 1 + w), so Core ML (fp16 weights) and QAT (NNCF quantizes only kernels
+it sees as parameters) convert with ``fold_mlp_residuals=False``.
+
 Parameters and their names are untouched (matrices are non-persistent buffers), so
 ``state_dict()`` keys stay identical, and converting a converted model again (for another size)
 is safe.
@@ -36,6 +45,7 @@ from lrformer_edge.models.lrformer import (
     INPUT_ALIGNMENT,
     BackboneBlock,
     HeadLowResolutionAttention,
+    InvertedResidualMLP,
     LowResolutionAttention,
     LRFormerBackbone,
     LRFormerSegmentor,
@@ -179,15 +189,59 @@ class DeployBackbone(LRFormerBackbone):
         return features
 
 
-def _adopt(cls, module: nn.Module) -> nn.Module:
-    """An instance of ``cls`` holding ``module``'s own parameters, buffers and children."""
-    if isinstance(module, cls):
+class ResidualDepthwiseConv2d(nn.Conv2d):
+    """``x + conv(x)`` for a 3x3 depthwise ``conv`` (padding 1), as a single convolution.
+
+    The identity is a non-persistent buffer added to the kernel's centre tap in ``forward``:
+    exporters fold it into one constant kernel, QAT still trains the official weight.
+    """
+
+    def _build_identity(self) -> None:
+        if not (self.kernel_size == (3, 3) and self.padding == (1, 1) and self.stride == (1, 1)
+                and self.groups == self.in_channels == self.out_channels):
+            raise ValueError(f"expected a 3x3 depthwise convolution with padding 1, got {self}")
+        identity = torch.zeros_like(self.weight)
+        identity[:, :, 1, 1] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
+
+    def folded_weight(self) -> torch.Tensor:
+        return self.weight + self.identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.folded_weight(), self.bias)
+
+
+class DeployInvertedResidualMLP(InvertedResidualMLP):
+    """The MLP with its depthwise residual folded into the depthwise convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.conv(self.act(self.fc1(x))))
+
+
+def _set_mlp_residual(block: nn.Module, fold: bool) -> None:
+    folded = isinstance(block.mlp, DeployInvertedResidualMLP)
+    if fold and not folded:
+        block.mlp = _adopt(DeployInvertedResidualMLP, block.mlp)
+        block.mlp.conv = _adopt(ResidualDepthwiseConv2d, block.mlp.conv)
+        block.mlp.conv._build_identity()
+    elif folded and not fold:
+        block.mlp = _adopt(InvertedResidualMLP, block.mlp)
+        block.mlp.conv = _adopt(nn.Conv2d, block.mlp.conv, drop_buffers=("identity",))
+
+
+def _adopt(cls, module: nn.Module, drop_buffers: tuple[str, ...] = ()) -> nn.Module:
+    """An instance of exactly ``cls`` holding ``module``'s own parameters, buffers and children."""
+    if type(module) is cls:
         return module
     adopted = cls.__new__(cls)
     nn.Module.__init__(adopted)
     for key, value in vars(module).items():
-        if key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in ("_parameters", "_modules"):
             getattr(adopted, key).update(value)
+        elif key == "_buffers":
+            adopted._buffers.update((k, v) for k, v in value.items() if k not in drop_buffers)
+        elif key == "_non_persistent_buffers_set":
+            adopted._non_persistent_buffers_set.update(value - set(drop_buffers))
         elif not key.startswith("_"):
             adopted.__dict__[key] = value
     return adopted
@@ -212,11 +266,13 @@ def check_input_size(input_size) -> tuple[int, int]:
     return height, width
 
 
-def to_deploy(model: LRFormerSegmentor, input_size, inplace: bool = False) -> LRFormerSegmentor:
+def to_deploy(model: LRFormerSegmentor, input_size, inplace: bool = False,
+              fold_mlp_residuals: bool = True) -> LRFormerSegmentor:
     """A fixed-resolution, export-friendly copy of ``model`` for ``input_size`` = (H, W).
 
     Outputs equal the reference model's to float32 rounding at that size. ``state_dict()`` keys
-    and values are unchanged; calling it on an already converted model re-targets the size.
+    and values are unchanged; calling it on an already converted model re-targets the size (and
+    the MLP folding, see the module's docstring).
     """
     if not isinstance(model, LRFormerSegmentor):
         raise TypeError(f"to_deploy expects an LRFormer model from create_model, got "
@@ -230,9 +286,11 @@ def to_deploy(model: LRFormerSegmentor, input_size, inplace: bool = False) -> LR
         for index, block in enumerate(blocks):
             block = blocks[index] = _adopt(DeployBackboneBlock, block)
             block.attn = _static_class_for(block.attn).from_module(block.attn, size)
+            _set_mlp_residual(block, fold_mlp_residuals)
     head = deployed.decode_head
     head_size = stage_sizes[head.in_index[0]]
     for block in (head.fuse_block1, head.fuse_block2):
         block.attn = _static_class_for(block.attn).from_module(block.attn, head_size)
+        _set_mlp_residual(block, fold_mlp_residuals)
     deployed.deploy_input_size = (height, width)
     return deployed.eval()

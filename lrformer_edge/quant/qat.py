@@ -91,7 +91,8 @@ def quantize_for_training(model, input_size, calibration, target: str):
     from lrformer_edge.models.deploy import to_deploy
 
     nncf = _nncf()
-    deployed = to_deploy(model, input_size).eval()
+    # NNCF quantizes kernels it sees as parameters, not the folded MLP kernels (see to_deploy).
+    deployed = to_deploy(model, input_size, fold_mlp_residuals=False).eval()
     batches = [torch.from_numpy(b) for b in calibration.batches]
     ignored = nncf.IgnoredScope(names=_pooling_matmuls(deployed, batches[0]), validate=False)
     return nncf.quantize(deployed, nncf.Dataset(batches), subset_size=len(batches),
@@ -142,7 +143,7 @@ def restore(checkpoint_path: str | Path, map_location="cpu"):
                          f"again (or continue with the toolkit version that wrote it)")
     model = create_model(payload["variant"], pretrained=False)
     size = tuple(payload["input_size"])
-    deployed = to_deploy(model, size).eval()
+    deployed = to_deploy(model, size, fold_mlp_residuals=False).eval()  # as trained
     quantized = load_from_config(deployed, payload["nncf_config"])
     quantized.load_state_dict(payload["state_dict"])
     quantized.config = model.config

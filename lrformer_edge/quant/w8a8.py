@@ -47,7 +47,9 @@ class QuantizedInputLayer(nn.Module):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(layer).__name__}")
-        weight = layer.weight.detach().float()
+        # A folded MLP kernel (to_deploy) computes with its identity tap added.
+        folded = getattr(layer, "folded_weight", None)
+        weight = (folded() if folded else layer.weight).detach().float()
         amax = weight.abs().flatten(1).amax(1).clamp_min(1e-12)
         scale = amax / WEIGHT_MAX
         shape = (-1,) + (1,) * (weight.dim() - 1)
