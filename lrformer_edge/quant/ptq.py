@@ -27,7 +27,11 @@ IGNORED_TYPES = ("Interpolate",)
 
 
 def _nncf():
-    return require("nncf", "openvino", "INT8 quantization")
+    import logging
+
+    nncf = require("nncf", "openvino", "INT8 quantization")
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per float op otherwise
+    return nncf
 
 
 def quantization_settings(calibration, max_drop) -> dict:
