@@ -201,3 +201,36 @@ def test_benchmark_runs_every_available_backend(tiny, tmp_path):
     assert rows[1].agreement_vs_pytorch > 0.999  # ORT FP32 is exact
     assert rows[3].settings["requested_precision"] == "bf16"
     assert "| openvino | int8 |" in markdown_table(rows, "t")
+
+
+def test_layer_profile_of_an_ir(fp32_ir, tmp_path):
+    from lrformer_edge.benchmark import profile_layers, profile_table
+    from lrformer_edge.runners.base import RunnerStateError
+
+    feed = {"input": np.random.default_rng(0).random((1, 3, 64, 96), np.float32)}
+    with OpenVINORunner(fp32_ir.path) as plain:
+        plain.infer(feed)
+        with pytest.raises(RunnerStateError, match="profile=True"):
+            plain.layer_times()
+    with OpenVINORunner(fp32_ir.path, profile=True) as runner:
+        profile = profile_layers(runner, feed, repeats=3, warmup=1)
+    assert profile.total_ms > 0 and profile.wall_ms > 0
+    assert any(node_type == "Convolution" for _, _, node_type, _ in profile.kinds)
+    assert abs(sum(ms for ms, *_ in profile.kinds) - profile.total_ms) < 1e-6
+    assert profile.nodes[0][0] == max(ms for ms, *_ in profile.nodes)
+    table = profile_table(profile, top=5)
+    assert "| ms | % | slowest 5 nodes | type | kernel |" in table
+
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(REPO / "deploy" / "profile_openvino.py"), "--ir",
+                           str(fp32_ir.path.parent), "--repeats", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "precision f32" in done.stdout and "slowest 15 nodes" in done.stdout
+    import json
+
+    assert json.loads(out.read_text())["settings"]["inference_precision"] == "f32"
+    missing = subprocess.run([sys.executable, str(REPO / "deploy" / "profile_openvino.py"),
+                              "--ir", str(tmp_path / "none.xml")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:"), missing.stderr

@@ -27,9 +27,9 @@ faster). The price is resolution in the folded kernel's low-precision forms (its
 fp16 centre tap now span 1 + w), so Core ML (fp16 weights) and QAT (NNCF quantizes only kernels
 it sees as parameters) convert with ``fold_mlp_residuals=False``.
 
-Parameters and their names are untouched (matrices are non-persistent buffers), so
-``state_dict()`` keys stay identical, and converting a converted model again (for another size)
-is safe.
+Parameters and their names are untouched (matrices and identity taps are non-persistent
+buffers), so ``state_dict()`` keys and values stay identical, and converting a converted model
+again (for another size, or with the other folding) is safe.
 """
 from __future__ import annotations
 
@@ -152,8 +152,9 @@ class StaticHeadLowResolutionAttention(_StaticAttentionMixin, HeadLowResolutionA
 def channel_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """``norm`` over the channels of an NCHW map: the reference's token LayerNorm, in place.
 
-    Engines fold the two permutes into the normalisation (OpenVINO runs one MVN on its
-    channels-last layout), where the reference's token round trips stay as copies.
+    Written as reductions over axis 1 (the form Apple recommends for channels-first models too)
+    rather than a LayerNorm between two permutes: engines then keep the map in their own
+    channels-last layout, where the permuted form made OpenVINO copy it to planar and back.
     """
     mean = x.mean(1, keepdim=True)
     centred = x - mean

@@ -5,6 +5,7 @@ always sets ``INFERENCE_PRECISION_HINT`` and reports what the compiled model act
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,17 @@ MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 RT_INFO_ROOT = "lrformer_edge"
 
 
+@dataclass(frozen=True)
+class LayerTime:
+    """One executed node: the IR's name, its type, the kernel that ran it (e.g. brgconv_avx512_1x1_I8,
+    reorder_f32), and its time in milliseconds."""
+
+    node: str
+    node_type: str
+    kernel: str
+    ms: float
+
+
 def _openvino():
     return require("openvino", "openvino", "the OpenVINO runner")
 
@@ -25,7 +37,7 @@ class OpenVINORunner(Runner):
 
     def __init__(self, path: str | Path, precision: str = "f32", threads: int | None = None,
                  streams: int | None = None, mode: str = "latency", device: str = "CPU",
-                 name: str | None = None):
+                 name: str | None = None, profile: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if mode not in MODES:
@@ -37,10 +49,14 @@ class OpenVINORunner(Runner):
                 raise ValueError(f"{path} should hold exactly one OpenVINO .xml, found "
                                  f"{[c.name for c in candidates]}")
             path = candidates[0]
+        if path.suffix != ".xml" or not path.is_file():
+            raise ValueError(f"expected an OpenVINO IR (.xml with its .bin beside it, or the folder "
+                             f"holding one), got {path}" + ("" if path.exists() else
+                                                            " (it does not exist)"))
         super().__init__(name or f"openvino:{path.name}:{precision}")
         self.path = path
         self.precision, self.threads, self.streams = precision, threads, streams
-        self.mode, self.device = mode, device
+        self.mode, self.device, self.profile = mode, device, profile
         self._model = None
         self.compiled = None
         self.request = None
@@ -58,6 +74,8 @@ class OpenVINORunner(Runner):
             config["INFERENCE_NUM_THREADS"] = self.threads
         if self.streams:
             config["NUM_STREAMS"] = self.streams
+        if self.profile:
+            config["PERF_COUNT"] = "YES"
         try:
             self.compiled = ov.Core().compile_model(self._read(), self.device, config)
         except RuntimeError as error:
@@ -119,6 +137,16 @@ class OpenVINORunner(Runner):
             queue.start_async(feed)
         queue.wait_all()
         return requests * batch / (time.perf_counter() - start)
+
+    def layer_times(self) -> list[LayerTime]:
+        """Per-node times of the last inference (OpenVINO's PERF_COUNT; ``profile=True``)."""
+        if not self.profile:
+            raise RunnerStateError("per-layer times need OpenVINORunner(..., profile=True)")
+        if not self.active:
+            raise RunnerStateError("activate the runner and run it first (with runner: ...)")
+        return [LayerTime(info.node_name, info.node_type, info.exec_type,
+                          info.real_time.total_seconds() * 1e3)
+                for info in self.request.profiling_info]
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feed)
