@@ -12,8 +12,8 @@ Settings, and why:
   outputs and the final logits) and the exact adaptive pooling products (MatMuls whose left
   operand is a constant averaging matrix, ``pooling_matmuls``): averaging gains nothing from
   int8, and the CPU plugin cannot compile an int8 MatMul whose weights are on the left (its
-  per-row dequantization scale is fused as if it were per output channel). The classifier is
-  left to NNCF's defaults. Accuracy control, when asked for, reverts the most
+  check ``any_of(scale.size(), OC, 1U)`` fails: the per-row weight scale is not per output
+  channel). The classifier is left to NNCF's defaults. Accuracy control, when asked for, reverts the most
   sensitive remaining layers to float until the mIoU drop fits.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lrformer_edge.metrics import ConfusionMatrix
 from lrformer_edge.runners.base import require
 
 IGNORED_TYPES = ("Interpolate",)
+FLOAT_POOLING = "adaptive-pooling MatMuls (constant averaging matrix on the left)"
 
 
 def _nncf():
@@ -38,7 +39,7 @@ def quantization_settings(calibration, max_drop) -> dict:
     return {"quantization": {
         "tool": f"nncf {_nncf().__version__}", "model_type": "TRANSFORMER", "preset": "PERFORMANCE",
         "symmetric": True, "smooth_quant": False, "ignored_types": list(IGNORED_TYPES),
-        "float_ops": "adaptive-pooling MatMuls (constant averaging matrix on the left)",
+        "float_ops": FLOAT_POOLING,
         "accuracy_control_max_drop_miou_points": max_drop},
         "calibration_set": calibration.describe()}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrformer_edge.quant.ptq import FLOAT_POOLING
 from lrformer_edge.runners.base import require
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -37,7 +38,7 @@ def quantization_settings(calibration) -> dict:
         "preset": "PERFORMANCE", "format": "Q/DQ, int8, zero-point 0",
         "weights": "per-channel symmetric", "activations": "per-tensor symmetric",
         "smooth_quant": False, "float_types": list(FLOAT_TYPES),
-        "float_ops": "adaptive-pooling MatMuls (constant averaging matrix on the left)"},
+        "float_ops": FLOAT_POOLING},
         "calibration_set": calibration.describe()}
 
 
