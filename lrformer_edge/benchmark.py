@@ -291,9 +291,8 @@ def profile_layers(runner, feed: dict, repeats: int = 20, warmup: int = 3) -> La
     per_node: dict = {}
     walls = []
     for _ in range(repeats):
-        start = time.perf_counter()
         runner.infer(feed)
-        walls.append((time.perf_counter() - start) * 1e3)
+        walls.append(runner.last_inference_time * 1e3)
         for layer in runner.layer_times():
             key = (layer.node, layer.node_type, layer.kernel)
             per_node[key] = per_node.get(key, 0.0) + layer.ms / repeats

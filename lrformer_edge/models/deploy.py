@@ -107,12 +107,7 @@ class _StaticAttentionMixin:
     @classmethod
     def from_module(cls, module: LowResolutionAttention, feature_size):
         """The static twin of ``module`` for ``feature_size``, sharing its parameters."""
-        static = cls.__new__(cls)
-        nn.Module.__init__(static)
-        for name in ("dim", "num_heads", "scale", "q_pooled_size", "kv_pooled_sizes"):
-            setattr(static, name, getattr(module, name))
-        for name in ("q", "kv", "proj", "norm"):
-            setattr(static, name, getattr(module, name))
+        static = _adopt(cls, module)
         static._build_static(feature_size)
         return static
 
@@ -194,7 +189,7 @@ class ResidualDepthwiseConv2d(nn.Conv2d):
     """``x + conv(x)`` for a 3x3 depthwise ``conv`` (padding 1), as a single convolution.
 
     The identity is a non-persistent buffer added to the kernel's centre tap in ``forward``:
-    exporters fold it into one constant kernel, QAT still trains the official weight.
+    exporters fold it into one constant kernel, the stored weight stays the official one.
     """
 
     def _build_identity(self) -> None:
