@@ -8,7 +8,12 @@ import argparse
 import os
 import time
 
-from lrformer_edge.data.procedural import write_ade20k_layout, write_cityscapes_layout
+from lrformer_edge.cli import check_output_argument
+from lrformer_edge.data.procedural import (
+    check_scene_size,
+    write_ade20k_layout,
+    write_cityscapes_layout,
+)
 from lrformer_edge.data.splits import split_seeds
 
 
@@ -25,6 +30,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.train < 0 or args.val < 0:
         parser.error("--train and --val must be non-negative")
+    if args.size is not None:
+        try:
+            check_scene_size(args.size)
+        except ValueError as error:
+            parser.error(f"--size: {error}")
+    check_output_argument(args.output, "--output", "folder")
     start = time.time()
     if args.layout == "ade20k":
         seeds = split_seeds(args.train, args.val, names=("training", "validation"))

@@ -15,6 +15,9 @@ exports the best model:
                      or --from-onnx)
   --target all       both (TensorRT quantizer rules, which OpenVINO runs too)
 Each export is checked against the torch fake-quant model before it is written.
+--cpu-isa (default portable) names the x86 CPUs the OpenVINO INT8 model must be correct on:
+portable trains 7-bit weights (no x86 CPU saturates them; with --target all the Q/DQ ONNX gets
+them too), vnni/amx full 8-bit weights; --target tensorrt alone always keeps 8-bit weights.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ import os
 import sys
 from pathlib import Path
 
+from lrformer_edge.cli import add_int8_target_argument, check_output_argument
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
+
+OPENVINO_EXPORT, TENSORRT_EXPORT = "openvino-int8", "lrformer-qat-int8.onnx"  # in --output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME")
     parser.add_argument("--checkpoint", help="FP32 weights (default: the variant's bundled ones)")
     parser.add_argument("--target", choices=QAT_TARGETS, default=defaults.target)
+    add_int8_target_argument(parser)
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         default=defaults.input_size)
     parser.add_argument("--iters", type=int, default=defaults.iters)
@@ -69,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "--task-weight non-negative")
     if args.distill_weight == 0 and args.task_weight == 0:
         parser.error("--distill-weight and --task-weight cannot both be 0")
+    check_output_argument(args.output, "--output", "folder")
+    if not args.no_export and args.target in ("openvino", "all"):  # refused after training else
+        check_output_argument(args.output / OPENVINO_EXPORT, "--output", "artifact-folder")
+    if not args.no_export and args.target in ("tensorrt", "all"):
+        check_output_argument(args.output / TENSORRT_EXPORT, "--output")
     return args
 
 
@@ -81,10 +93,9 @@ def export_best(output: Path, target: str) -> list:
     feed = build_calibration_set("procedural", quantized.config.data, size, 1, seed=123).batches[0]
     results = []
     if target in ("openvino", "all"):
-        results.append(export_qat_openvino(quantized, payload, output / "openvino-int8", feed))
+        results.append(export_qat_openvino(quantized, payload, output / OPENVINO_EXPORT, feed))
     if target in ("tensorrt", "all"):
-        results.append(export_qat_qdq_onnx(quantized, payload, output / "lrformer-qat-int8.onnx",
-                                           feed))
+        results.append(export_qat_qdq_onnx(quantized, payload, output / TENSORRT_EXPORT, feed))
     return results
 
 
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
 
     config = QATConfig(
         data=args.data, work_dir=str(args.output), variant=args.variant,
-        checkpoint=args.checkpoint, target=args.target, input_size=tuple(args.input_size),
+        checkpoint=args.checkpoint, target=args.target, cpu_isa=args.cpu_isa, input_size=tuple(args.input_size),
         iters=args.iters, batch_size=args.batch_size, lr=args.lr,
         distill_weight=args.distill_weight, task_weight=args.task_weight,
         temperature=args.temperature, update_bn_stats=args.update_bn_stats,

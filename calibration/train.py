@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from lrformer_edge.cli import check_output_argument
+from lrformer_edge.registry import list_models
 from lrformer_edge.training import TrainConfig, export_bundled_weights, train
 
 
@@ -20,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = TrainConfig(variant="", data="", work_dir="")
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", required=True, help="registry name, e.g. lrformer-t")
+    parser.add_argument("--variant", required=True, choices=list_models(), metavar="NAME",
+                        help="registry name, e.g. lrformer-t")
     parser.add_argument("--data", required=True, help="dataset root (ADE20K/Cityscapes/COCO-Stuff layout)")
     parser.add_argument("--dataset-format", choices=("ade20k", "cityscapes", "coco-stuff"),
                         help="layout of --data (detected when omitted)")
@@ -49,12 +52,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iters <= 0 or args.batch_size <= 0:
         parser.error("--iters and --batch-size must be positive")
+    check_output_argument(args.work_dir, "--work-dir", "folder")
+    check_output_argument(args.export_bundled, "--export-bundled")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = TrainConfig(
+    try:
+        summary = train(_config(args))
+    except ValueError as error:  # bad data, checkpoint or option: one line, nothing written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    print(f"best val mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']} "
+          f"({summary['train_minutes']:.1f} min)")
+    if args.export_bundled and os.environ.get("RANK", "0") == "0":
+        path = export_bundled_weights(f"{args.work_dir}/best_mIoU.pth", args.export_bundled)
+        print(f"wrote {path}")
+    return 0
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(
         variant=args.variant, data=args.data, work_dir=args.work_dir,
         dataset_format=args.dataset_format, checkpoint=args.checkpoint, iters=args.iters,
         batch_size=args.batch_size, crop_size=tuple(args.crop_size), lr=args.lr,
@@ -65,14 +85,6 @@ def main(argv=None) -> int:
         num_workers=args.num_workers, threads=args.threads, seed=args.seed, resume=args.resume, amp=args.amp,
         extra_meta={"command": " ".join(sys.argv)},
     )
-    summary = train(config)
-    best = summary["best"]
-    print(f"best val mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']} "
-          f"({summary['train_minutes']:.1f} min)")
-    if args.export_bundled and os.environ.get("RANK", "0") == "0":
-        path = export_bundled_weights(f"{args.work_dir}/best_mIoU.pth", args.export_bundled)
-        print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

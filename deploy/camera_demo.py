@@ -8,8 +8,11 @@
 default: the bundled model in PyTorch. Live sources (camera index, rtsp/http URL) always hand the
 newest frame to inference (stale frames are dropped, so there is no growing lag); files give every
 frame in order. --serve streams MJPEG over HTTP on 127.0.0.1 (name --serve-host to expose it);
---output writes the annotated video (renamed into place when the run ends). Ctrl-C, the end of the
-stream, --max-frames or a lost camera end the run with a summary (frames, FPS, stage latencies).
+--output writes the annotated video (renamed into place when the run ends). Ctrl-C, SIGTERM
+(systemd, docker stop), the end of the stream, --max-frames or a lost camera end the run with a
+summary (frames, FPS, stage latencies) and a finished video. An unreadable frame of a file or
+folder (corrupt image, truncated video) is skipped with a warning naming it and counted in the
+summary; a source with no readable frame at all is an error (exit 2).
 --reference-every N compares every Nth frame with the FP32 PyTorch model (the bundled one, or
 --reference CKPT) and shows the running agreement.
 """
@@ -20,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from lrformer_edge.live.demo import DemoOptions, run_demo
+from lrformer_edge.live.demo import DemoOptions, run_demo, sigterm_ends_run
+from lrformer_edge.cli import check_output_argument
 from lrformer_edge.live.sources import SourceError
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
 
@@ -30,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", help="model to run (default: the bundled PyTorch model)")
     parser.add_argument("--variant", default=None, choices=list_models(), metavar="NAME",
-                        help="variant of a PyTorch checkpoint that does not record it")
+                        help="variant of a PyTorch checkpoint that does not record it (an "
+                             "artifact recording another variant is an error)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="network input for PyTorch checkpoints (artifacts have theirs)")
     parser.add_argument("--source", default="0", help="camera index, video file, image folder "
@@ -58,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--reference-every must be 0 (off) or positive")
     if args.serve is not None and not 0 <= args.serve < 65536:
         parser.error("--serve needs a port number")
+    check_output_argument(args.output, "--output")
+    check_output_argument(args.summary_json, "--summary-json")
     return args
 
 
@@ -69,7 +76,7 @@ def build_pipeline(args):
         return SegmentationPipeline.from_model(create_model(args.variant or BUNDLED_MODEL),
                                                args.input_size)
     options = {"precision": args.precision} if args.precision else {}
-    pipeline = SegmentationPipeline.from_artifact(args.artifact, **options)
+    pipeline = SegmentationPipeline.from_artifact(args.artifact, variant=args.variant, **options)
     if args.input_size:
         pipeline.input_size = tuple(args.input_size)
     return pipeline
@@ -95,12 +102,14 @@ def main(argv=None) -> int:
         pipeline = build_pipeline(args)
         reference = build_reference(args, pipeline)
         print(f"running {pipeline.runner.name} on {args.source}", flush=True)
-        summary = run_demo(
-            pipeline, options, reference,
-            on_server_ready=lambda server: print(f"serving MJPEG at {server.url}", flush=True),
-            on_hold=lambda summary: print(f"{summary.end_reason} after {summary.frames} frames; "
-                                          f"still serving the last frame, Ctrl-C to stop",
-                                          flush=True))
+        with sigterm_ends_run():
+            summary = run_demo(
+                pipeline, options, reference,
+                on_server_ready=lambda server: print(f"serving MJPEG at {server.url}", flush=True),
+                on_hold=lambda summary: print(f"{summary.end_reason} after {summary.frames} "
+                                              f"frames; still serving the last frame, Ctrl-C to "
+                                              f"stop", flush=True),
+                on_skip=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     except (SourceError, ValueError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

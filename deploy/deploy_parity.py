@@ -22,6 +22,7 @@ from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.models.reference_weights import manifest_of, reference_state_dict
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
+from lrformer_edge.resources import check_export_size, check_memory
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -46,8 +47,16 @@ def main(argv=None) -> int:
                         default=[(512, 512), (512, 1024), (384, 640), (736, 1280), (1024, 2048)])
     parser.add_argument("--onnx", action="store_true", help="also export and run ONNX Runtime")
     args = parser.parse_args(argv)
-    model = create_model(args.variant, checkpoint=args.checkpoint,
-                         pretrained=not args.reference_weights)
+    try:
+        model = create_model(args.variant, checkpoint=args.checkpoint,
+                             pretrained=not args.reference_weights)
+        for size in args.sizes:  # every size before the first is worked on
+            if args.onnx:
+                check_export_size(model, size)
+            else:
+                check_memory(model, size, "forward", what=f"running {model.config.name}")
+    except ValueError as error:  # checkpoint missing, unreadable or not this variant's; too large
+        parser.exit(2, f"error: {error}\n")
     if args.reference_weights:
         model.load_state_dict(reference_state_dict(manifest_of(model)))
     print(f"{model.config.name}: deploy form vs reference (max-abs, argmax agreement on all pixels "

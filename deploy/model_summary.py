@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from lrformer_edge.models import model_config
+from lrformer_edge.models.deploy import check_input_size
 from lrformer_edge.registry import list_models
+from lrformer_edge.resources import check_memory
 from lrformer_edge.summary import summarize
 
 
@@ -18,9 +21,15 @@ def main(argv=None) -> int:
     parser.add_argument("--input-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
     parser.add_argument("--num-classes", type=int, help="override the head's class count")
     args = parser.parse_args(argv)
-    height, width = args.input_size
-    if height % 32 or width % 32 or height <= 0 or width <= 0:
-        parser.error(f"--input-size must be positive multiples of 32, got {height} {width}")
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f"--num-classes must be a positive number of classes, got {args.num_classes}")
+    try:
+        height, width = check_input_size(args.input_size, "--input-size")
+        for variant in args.variant:  # every variant before the first line of the table
+            check_memory(model_config(variant, args.num_classes), (height, width), "forward",
+                         what=f"counting the GMACs of {variant}")
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"{'variant':<24}{'classes':>8}{'params (M)':>12}{'GMACs':>10}  input")
     for variant in args.variant:
         summary = summarize(variant, (height, width), args.num_classes)

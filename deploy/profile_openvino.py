@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     try:
         runner = OpenVINORunner(args.ir, precision=args.precision, threads=args.threads,
                                 profile=True)
+        if not runner.input_specs:
+            raise ValueError(f"{runner.path} has no inputs to feed")
         spec = runner.input_specs[0]
         shape = tuple(1 if d is None else d for d in spec.shape)
         feed = {spec.name: np.random.default_rng(0).random(shape, np.float32)}

@@ -22,13 +22,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lrformer_edge.cli import check_output_argument
 from lrformer_edge.data.postprocess import colorize
+from lrformer_edge.data.procedural import check_scene_size
 from lrformer_edge.evaluation import evaluate_pipeline, keep_labels, procedural_validation_samples
 from lrformer_edge.files import atomic_write
+from lrformer_edge.models.deploy import check_input_size
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden
-from lrformer_edge.registry import BUNDLED_MODEL
+from lrformer_edge.registry import BUNDLED_MODEL, get_config
+from lrformer_edge.resources import check_export_size
 
 
 def main(argv=None) -> int:
@@ -43,6 +47,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images <= 0:
         parser.error("--images must be positive")
+    try:  # before the evaluation, not after it: the export at --size is the last step
+        check_scene_size(args.size)
+        if not args.no_export:
+            args.size = check_input_size(args.size, "--size (the ONNX export's input size)")
+            check_export_size(get_config(BUNDLED_MODEL), args.size)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    check_output_argument(args.output, "--output", "folder")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     report = {}

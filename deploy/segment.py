@@ -2,7 +2,10 @@
 
     python deploy/segment.py IMAGE [IMAGE ...] --output out/ [--variant NAME --checkpoint CKPT]
 
-Without --checkpoint the bundled model (lrformer-t.procedural) is used.
+Without --checkpoint the bundled model (lrformer-t.procedural) is used. Labels and overlays are
+made at each image's own size (about 8 bytes per class and pixel, plus 32): an image whose
+estimate exceeds the available memory is refused with the largest size that fits, and one that
+needs more than 1 GiB is noted.
 """
 from __future__ import annotations
 
@@ -11,11 +14,17 @@ from pathlib import Path
 
 import cv2
 
-from lrformer_edge.data.datasets import DatasetError, read_image
+from lrformer_edge.cli import check_output_argument
+from lrformer_edge.data.datasets import read_image
 from lrformer_edge.files import atomic_write
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
+from lrformer_edge.resources import GIB, check_memory
+
+# The network sees the image rescaled to fit (2048, 512); the labels and the overlay are made at
+# the image's own size, so a large image costs memory in proportion to its pixels.
+NOTE_ABOVE_BYTES = GIB
 
 
 def main(argv=None) -> int:
@@ -29,14 +38,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.opacity <= 1:
         parser.error("--opacity must lie in [0, 1]")
-    model = create_model(args.variant, checkpoint=args.checkpoint)
+    check_output_argument(args.output, "--output", "folder")
+    try:
+        model = create_model(args.variant, checkpoint=args.checkpoint)
+    except ValueError as error:  # checkpoint missing, unreadable or not this variant's
+        parser.exit(2, f"error: {error}\n")
     output = Path(args.output)
     with SegmentationPipeline.from_model(model) as pipeline:
         for path in args.images:
             try:
                 image = read_image(path)
-            except DatasetError as error:
+                cost = check_memory(model, image.shape[:2], "segment", what=f"segmenting {path}")
+            except ValueError as error:  # unreadable, or too large for this machine's memory
                 parser.exit(2, f"error: {error}\n")
+            if cost > NOTE_ABOVE_BYTES:
+                print(f"note: {path} is {image.shape[1]}x{image.shape[0]}; its labels and overlay "
+                      f"are made at full size, about {cost / GIB:.1f} GiB of memory")
             prediction = pipeline.predict(image)
             stem = output / Path(path).stem
             save_image(f"{stem}_labels.png", prediction.labels)

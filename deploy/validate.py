@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lrformer_edge.cli import check_output_argument
 from lrformer_edge.registry import list_models
 from lrformer_edge.validation import ValidationConfig, run_validation
 
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.load_reference and (args.reference or args.variant or args.input_size):
         parser.error("--load-reference fixes the reference; leave out --reference, --variant "
                      "and --input-size")
+    check_output_argument(args.report, "--report", "folder")
+    check_output_argument(args.save_reference, "--save-reference")
     return args
 
 

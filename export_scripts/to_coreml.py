@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lrformer_edge.cli import add_model_arguments
+from lrformer_edge.cli import add_model_arguments, check_output_argument
 from lrformer_edge.export import run_export_cli
 from lrformer_edge.export.coreml import (
     INPUT_TYPES,
@@ -39,6 +39,7 @@ from lrformer_edge.export.coreml import (
     CoreMLOptions,
 )
 from lrformer_edge.models.factory import create_model
+from lrformer_edge.resources import check_export_size
 
 
 def parse_args(argv=None):
@@ -72,6 +73,7 @@ def parse_args(argv=None):
         parser.error("--calib-images must be positive")
     if args.proxy_images < 0:
         parser.error("--proxy-images must be 0 or more")
+    check_output_argument(args.output, "--output", "artifact-folder")
     return args
 
 
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
                                 input_type=args.input_type)
         model = create_model(args.variant, checkpoint=args.checkpoint)
         size = tuple(args.input_size or model.config.data.native_size)
+        size = check_export_size(model, size, args.calib_images if args.w8a8 else 0)
         calibration = None
         if args.w8a8:
             from lrformer_edge.quant.calibration import build_calibration_set

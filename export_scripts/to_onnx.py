@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from lrformer_edge.cli import add_model_arguments
+from lrformer_edge.cli import add_model_arguments, check_output_argument
 from lrformer_edge.export import run_export_cli
 from lrformer_edge.export.onnx import MAX_OPSET, MIN_OPSET, ParityThresholds, export_onnx
 from lrformer_edge.models.factory import create_model
+from lrformer_edge.resources import check_export_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be positive")
     if not args.output.endswith(".onnx"):
         parser.error(f"--output must end in .onnx, got {args.output}")
+    check_output_argument(args.output, "--output")
     return args
 
 
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     def export():
         model = create_model(args.variant, checkpoint=args.checkpoint)
         size = tuple(args.input_size) if args.input_size else model.config.data.native_size
+        size = check_export_size(model, size)
         print(f"exporting {model.config.name} at {size[0]}x{size[1]}, "
               f"batch {'dynamic' if args.dynamic_batch else args.batch_size}, opset {args.opset}")
         return export_onnx(model, args.output, size,

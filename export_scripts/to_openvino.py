@@ -10,16 +10,19 @@ OpenVINO runner set explicitly to f32 inference precision (OpenVINO defaults to 
 and must compile under the f32, bf16 and f16 hints before the folder is written.
 INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric, SmoothQuant off) on
 --calib-images real images (300 by default) of --calib-data; --max-drop enables accuracy control
-against the FP32 model's own predictions (mIoU points).
+against the FP32 model's own predictions (mIoU points). --cpu-isa names the x86 CPUs the INT8 IR
+must be correct on (default portable: every x86 CPU; vnni/amx: full 8-bit weights that saturate
+on CPUs without VNNI); the IR records it and the runner warns on a CPU it does not suit.
 """
 from __future__ import annotations
 
 import argparse
 
-from lrformer_edge.cli import add_model_arguments
+from lrformer_edge.cli import add_int8_target_argument, add_model_arguments, check_output_argument
 from lrformer_edge.export import run_export_cli
-from lrformer_edge.export.openvino import IR_PRECISIONS, export_openvino
+from lrformer_edge.export.openvino import IR_PRECISIONS, export_openvino, target_cpu_line
 from lrformer_edge.models.factory import create_model
+from lrformer_edge.resources import check_export_size
 
 
 def main(argv=None) -> int:
@@ -34,16 +37,22 @@ def main(argv=None) -> int:
     parser.add_argument("--max-drop", type=float,
                         help="int8: accuracy control, largest mIoU drop (points) vs FP32")
     parser.add_argument("--seed", type=int, default=0, help="int8: calibration sampling seed")
+    add_int8_target_argument(parser)
     parser.add_argument("--output", required=True, help="output folder (replaced when complete)")
     args = parser.parse_args(argv)
     if args.precision != "int8" and args.max_drop is not None:
         parser.error("--max-drop applies to --precision int8 only")
+    if args.precision != "int8" and args.cpu_isa is not None:
+        parser.error("--cpu-isa applies to --precision int8 only")
     if args.calib_images < 1:
         parser.error("--calib-images must be positive")
+    check_output_argument(args.output, "--output", "artifact-folder")
 
     def export():
         model = create_model(args.variant, checkpoint=args.checkpoint)
         size = args.input_size or model.config.data.native_size
+        size = check_export_size(model, size,
+                                 args.calib_images if args.precision == "int8" else 0)
         calibration = None
         if args.precision == "int8":
             from lrformer_edge.quant.calibration import build_calibration_set
@@ -53,11 +62,13 @@ def main(argv=None) -> int:
             print(f"calibration set: {len(calibration.batches)} images from {args.calib_data}, "
                   f"sha256 {calibration.sha256[:16]}...")
         return export_openvino(model, args.output, size, args.precision,
-                               calibration=calibration, max_drop=args.max_drop)
+                               calibration=calibration, max_drop=args.max_drop,
+                               target_isa=args.cpu_isa)
 
     code, result = run_export_cli(export)
     if result is not None:
         print(result.summary())
+        print(target_cpu_line(result.metadata))
         print("compiles under the f32, bf16 and f16 inference-precision hints")
     return code
 

@@ -25,8 +25,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from lrformer_edge.cli import add_model_arguments
+from lrformer_edge.cli import add_model_arguments, check_output_argument
 from lrformer_edge.export import run_export_cli
+from lrformer_edge.resources import check_export_size
 
 TENSORRT_MISSING_EXIT = 3
 
@@ -74,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "from the checkpoint; no --from-onnx, --calib-data or --input-size)")
     if args.validate is not None and args.validate < 1:
         parser.error("--validate needs a positive number of images")
+    check_output_argument(args.output, "--output")
+    if not args.from_onnx:
+        check_output_argument(_onnx_path(args), "the ONNX next to --output")
+    check_output_argument(args.timing_cache, "--timing-cache")
     return args
 
 
@@ -124,6 +129,7 @@ def step_onnx(args):
         return _qat_onnx(args)
     model = _model(args)
     size = tuple(args.input_size) if args.input_size else model.config.data.native_size
+    size = check_export_size(model, size, args.calib_images if args.precision == "int8" else 0)
     calibration = _calibration(args, model.config.data, size) if args.precision == "int8" else None
     print(f"exporting {model.config.name} at {size[0]}x{size[1]} to a {args.precision} "
           f"TensorRT ONNX")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lrformer_edge.cpu import DEFAULT_INT8_TARGET, host_cpu, resolve_int8_target
+
 
 @dataclass
 class BenchmarkRow:
@@ -60,7 +62,7 @@ def measure_interleaved(runners: list, feed: dict, warmup: int = 5, iterations: 
     return stats
 
 
-def markdown_table(rows: list[BenchmarkRow], title: str) -> str:
+def markdown_table(rows: list[BenchmarkRow], title: str, notes=()) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
@@ -76,6 +78,7 @@ def markdown_table(rows: list[BenchmarkRow], title: str) -> str:
             f"{cell(None if r.miou is None else 100 * r.miou, '.2f')} | "
             f"{cell(None if r.agreement_vs_pytorch is None else 100 * r.agreement_vs_pytorch, '.3f')} | "
             f"{cell(r.size_mib, '.1f')} |")
+    lines += [""] + list(notes) if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -99,7 +102,13 @@ def _artifact_mib(artifact) -> float | None:
     return None if artifact is None else artifact_size_bytes(artifact) / 2**20
 
 
-def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log):
+def int8_row_name(target_isa: str) -> str:
+    """Benchmark precision label of an OpenVINO INT8 IR made for ``target_isa``."""
+    return "int8" if target_isa == DEFAULT_INT8_TARGET else f"int8-{target_isa}"
+
+
+def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log,
+                         int8_targets):
     from lrformer_edge.export.openvino import export_openvino
     from lrformer_edge.runners.openvino import OpenVINORunner
 
@@ -108,12 +117,16 @@ def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_
     if all_formats:
         log("exporting OpenVINO FP16 IR")
         irs["fp16"] = export_openvino(model, work_dir / "openvino-fp16", input_size, "fp16").path
-    log("quantizing to OpenVINO INT8 (NNCF PTQ)")
-    irs["int8"] = export_openvino(model, work_dir / "openvino-int8", input_size, "int8",
-                                  calibration=calibration()).path
+    for target in int8_targets:
+        log(f"quantizing to OpenVINO INT8 for {target} CPUs (NNCF PTQ)")
+        irs[int8_row_name(target)] = export_openvino(
+            model, work_dir / f"openvino-{int8_row_name(target)}", input_size, "int8",
+            calibration=calibration(), target_isa=target).path
     runs = [("fp32", "fp32", "f32"), ("bf16", "fp32", "bf16")]
     runs += [("fp16", "fp16", "f32")] if all_formats else []
-    runs += [("int8", "int8", "f32"), ("int8+bf16", "int8", "bf16")]
+    for target in int8_targets:
+        name = int8_row_name(target)
+        runs += [(name, name, "f32"), (f"{name}+bf16", name, "bf16")]
     return [Candidate("OpenVINO IR", "openvino", name,
                       lambda p=irs[weights], h=hint: OpenVINORunner(p, precision=h, threads=threads),
                       irs[weights]) for name, weights, hint in runs]
@@ -171,8 +184,14 @@ def _coreml_candidate(model, input_size, work_dir, log) -> Candidate:
 
 def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations: int = 30,
                   warmup: int = 5, calibration_images: int = 300, calibration_source: str = "procedural",
-                  threads: int | None = None, log=print, all_formats: bool = False) -> list[BenchmarkRow]:
+                  threads: int | None = None, log=print, all_formats: bool = False,
+                  int8_targets: tuple[str, ...] = (DEFAULT_INT8_TARGET,)) -> list[BenchmarkRow]:
     """Export to every format available here, then measure each backend in this one process.
+
+    ``int8_targets``: the x86 CPU ISAs to make OpenVINO INT8 IRs for (``lrformer_edge.cpu``),
+    one row each (e.g. ``("portable", "vnni")`` to see what the portable form costs). A row whose
+    precision hint this CPU cannot honour (bf16 without native bf16) is listed as skipped with
+    the reason, not measured as if it were bf16.
 
     ``all_formats`` adds OpenVINO FP16, the FP16 and Q/DQ INT8 TensorRT ONNX files (run by ONNX
     Runtime), TensorRT engines where TensorRT and a GPU exist, and CoreML (listed as skipped
@@ -191,6 +210,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
     from lrformer_edge.runners.torch import TorchRunner
 
     work_dir = Path(work_dir)
+    int8_targets = tuple(dict.fromkeys(resolve_int8_target(t) for t in int8_targets))
     data = model.config.data
     feed = {"input": parity_inputs(input_size)}
     calibration_cache = []
@@ -216,7 +236,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
                                 lambda: OnnxRuntimeRunner(onnx_path, threads=threads), onnx_path))
     try:
         candidates += _openvino_candidates(model, input_size, work_dir, calibration, threads,
-                                           all_formats, log)
+                                           all_formats, log, int8_targets)
     except ImportError as missing:
         candidates.append(Candidate("OpenVINO IR", "openvino", "all", status=f"skipped: {missing}"))
     if all_formats:
@@ -235,6 +255,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
     try:
         for runner in runners:
             runner.activate()
+        measured, runners = _without_unhonoured_hints(measured, runners)
         log(f"measuring latency of {len(runners)} backends round-robin "
             f"({warmup} warm-up + {iterations} calls each)")
         for (row, _), runner, stats in zip(measured, runners,
@@ -265,6 +286,36 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
         row.agreement_vs_pytorch = metrics.get("pixel_agreement", 1.0)
         row.speedup_vs_pytorch = base_median / row.median_ms
     return rows
+
+
+def _without_unhonoured_hints(measured, runners):
+    """Drop (and mark skipped) the rows whose runner computes in another precision than asked:
+    OpenVINO runs the bf16 hint in f32 on CPUs without native bf16."""
+    from lrformer_edge.runners.base import unhonoured_hint
+
+    kept = []
+    for (row, candidate), runner in zip(measured, runners):
+        settings = runner.settings
+        fallback = unhonoured_hint(settings)
+        if fallback:
+            row.status = f"skipped: {fallback} ({host_cpu().describe()})"
+            row.settings = settings
+            runner.deactivate()
+            continue
+        kept.append(((row, candidate), runner))
+    return [pair for pair, _ in kept], [runner for _, runner in kept]
+
+
+def benchmark_title(model_name: str, input_size, threads: int, eval_images: int) -> str:
+    """The title of a benchmark, naming the CPU and its ISA: every timing depends on them."""
+    return (f"{model_name} at {input_size[0]}x{input_size[1]}, batch 1, "
+            f"{host_cpu().describe()}, {threads} threads, {eval_images} held-out scenes")
+
+
+def cpu_notes() -> list[str]:
+    """Where INT8 or bf16 cannot be fast on this CPU, said under the table."""
+    note = host_cpu().int8_note()
+    return [f"This CPU: {note}."] if note else []
 
 
 @dataclass

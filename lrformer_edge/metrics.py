@@ -72,9 +72,23 @@ class Agreement:
     max_abs: float | None = None  # logits
     mean_abs: float | None = None
     cosine: float | None = None
+    reference_nonfinite: int = 0  # NaN/Inf values among the logits
+    candidate_nonfinite: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def nonfinite_problems(self) -> list[str]:
+        """NaN/Inf logits on either side: no parity check may pass then (NaN compares false
+        with every limit, and an all-NaN output has the same argmax everywhere)."""
+        return [f"{side} logits have {count} non-finite values (NaN/Inf)"
+                for side, count in (("reference", self.reference_nonfinite),
+                                    ("candidate", self.candidate_nonfinite)) if count]
+
+
+def count_nonfinite(array) -> int:
+    """NaN and Inf values in ``array`` (logits of a broken model or artifact)."""
+    return int((~np.isfinite(np.asarray(array))).sum())
 
 
 def logits_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -84,10 +98,16 @@ def logits_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if reference.shape != candidate.shape:
         raise ValueError(f"logits shapes differ: reference {reference.shape}, "
                          f"candidate {candidate.shape}")
+    nonfinite = {"reference_nonfinite": count_nonfinite(reference),
+                 "candidate_nonfinite": count_nonfinite(candidate)}
+    if any(nonfinite.values()):  # an infinite error, never a NaN that passes every comparison
+        return {"max_abs": float("inf"), "mean_abs": float("inf"), "cosine": float("nan"),
+                **nonfinite}
     diff = np.abs(reference - candidate)
     norm = np.linalg.norm(reference) * np.linalg.norm(candidate)
     cosine = float((reference * candidate).sum() / norm) if norm > 0 else float("nan")
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cosine}
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cosine,
+            **nonfinite}
 
 
 def label_agreement(reference_labels: np.ndarray, candidate_labels: np.ndarray,
@@ -104,10 +124,16 @@ def label_agreement(reference_labels: np.ndarray, candidate_labels: np.ndarray,
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Agreement:
-    """Full parity check of two (B, C, H, W) logits tensors."""
-    labels = label_agreement(np.asarray(reference).argmax(1), np.asarray(candidate).argmax(1),
-                             np.asarray(reference).shape[1])
-    return Agreement(**labels, **logits_agreement(reference, candidate))
+    """Full parity check of two (B, C, H, W) logits tensors; a pixel with a NaN/Inf logit on
+    either side counts as a disagreement."""
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    logits = logits_agreement(reference, candidate)
+    reference_labels, candidate_labels = reference.argmax(1), candidate.argmax(1)
+    labels = label_agreement(reference_labels, candidate_labels, reference.shape[1])
+    if logits["reference_nonfinite"] or logits["candidate_nonfinite"]:
+        finite = np.isfinite(reference).all(1) & np.isfinite(candidate).all(1)
+        labels["pixel_agreement"] = float(((reference_labels == candidate_labels) & finite).mean())
+    return Agreement(**labels, **logits)
 
 
 def decisive_argmax_agreement(reference: np.ndarray, candidate: np.ndarray,

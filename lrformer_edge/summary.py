@@ -40,8 +40,12 @@ def count_gmacs(model: torch.nn.Module, input_size: tuple[int, int]) -> float:
 
 def summarize(variant: str, input_size: tuple[int, int] = (512, 512),
               num_classes: int | None = None) -> ModelSummary:
+    from lrformer_edge.models.deploy import check_input_size
     from lrformer_edge.models.factory import create_model
+    from lrformer_edge.resources import check_memory
 
+    input_size = check_input_size(input_size)
     model = create_model(variant, num_classes=num_classes, pretrained=False)
+    check_memory(model, input_size, "forward", what=f"counting the GMACs of {variant}")
     return ModelSummary(variant, model.num_classes, tuple(input_size),
                         count_parameters(model), count_gmacs(model, input_size))

@@ -57,6 +57,12 @@ class TrainConfig:
     amp: bool = False
     extra_meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from lrformer_edge.models.deploy import check_input_size
+
+        # The model takes multiples of 32 only; refuse before any data is read or folder made.
+        self.crop_size = check_input_size(self.crop_size, "crop_size")
+
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -239,8 +245,6 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed + info.rank)
     work_dir = Path(config.work_dir)
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
 
     train_set = open_dataset(config.data, "train", config.dataset_format)
     val_set = open_dataset(config.data, "val", config.dataset_format)
@@ -250,6 +254,8 @@ def train(config: TrainConfig) -> dict:
                          (len(train_set.class_names) if train_set.class_names else None))
     _check_classes(train_set, model.config.data)
     model.config = _with_dataset_classes(model.config, train_set)
+    if info.is_main:  # only now: bad data or a bad checkpoint leave no empty work dir behind
+        work_dir.mkdir(parents=True, exist_ok=True)
     data_config = model.config.data
     model.to(device)
 

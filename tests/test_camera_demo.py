@@ -203,3 +203,127 @@ def test_cli_needs_a_destination_and_a_readable_source(clip, tmp_path):
         show = subprocess.run([sys.executable, script, "--source", str(clip), "--show"],
                               capture_output=True, text=True, cwd=tmp_path)
         assert show.returncode == 2 and "--show needs a display" in show.stderr
+
+
+TINY = ["--variant", "lrformer-test", "--input-size", "64", "64"]  # the bundled model, tiny
+
+
+def _demo(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "deploy/camera_demo.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _image_folder(folder, count, unreadable=()):
+    folder.mkdir()
+    for i, frame in enumerate(_frames_of_scenes(count)):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    for name in unreadable:
+        (folder / name).write_bytes(b"not an image at all")
+    return folder
+
+
+def test_cli_skips_an_unreadable_image_with_a_warning_naming_it(tmp_path):
+    folder = _image_folder(tmp_path / "images", 3)
+    (folder / "001.png").write_bytes(b"\x89PNG garbage")
+    run = _demo(*TINY, "--source", str(folder), "--output", "out.avi", "--summary-json", "s.json",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "001.png" in warnings[0]
+    assert "2 frames" in run.stdout and "skipped 1 unreadable frames" in run.stdout
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == 2 and summary["skipped_frames"] == 1
+    assert summary["end"] == "end of stream"
+    assert len(_frames(tmp_path / "out.avi")) == 2
+
+
+def test_cli_source_without_a_readable_frame_fails_and_writes_nothing(tmp_path):
+    folder = _image_folder(tmp_path / "images", 0, unreadable=("a.png", "b.jpg"))
+    run = _demo(*TINY, "--source", str(folder), "--output", "out.avi", cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no readable frame in {folder}: all 2 frames were unreadable"]
+    assert "a.png" in run.stderr and "b.jpg" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no video, no temporary
+
+
+def test_truncated_video_reports_the_missing_frames_as_skipped(clip, tmp_path):
+    data = clip.read_bytes()
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(data[:len(data) // 2])
+    messages, indices = [], []
+    with FrameSource(str(truncated), on_skip=messages.append) as frames:
+        while (frame := frames.next(timeout=10)) is not None:
+            indices.append(frame.index)
+    assert 0 < len(indices) < FRAMES and indices == list(range(len(indices)))
+    assert frames.skipped == FRAMES - len(indices) and frames.end_reason == "end of stream"
+    assert len(messages) == 1 and str(truncated) in messages[0]
+    assert f"{len(indices)} of the {FRAMES} frames" in messages[0]
+
+
+def test_cli_variant_reaches_a_checkpoint_that_does_not_record_one(tmp_path):
+    import torch
+
+    from lrformer_edge.models.checkpoint import save_mmseg_checkpoint
+
+    folder = _image_folder(tmp_path / "images", 1)
+    state = create_model("lrformer-test").state_dict()
+    torch.save(state, tmp_path / "plain.pth")  # as official checkpoints: no variant recorded
+    run = _demo("--artifact", "plain.pth", *TINY, "--source", str(folder), "--output", "out.avi",
+                cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "running pytorch:lrformer-test" in run.stdout
+    assert len(_frames(tmp_path / "out.avi")) == 1
+
+    save_mmseg_checkpoint(state, tmp_path / "tagged.pth", meta={"variant": "lrformer-test"})
+    wrong = _demo("--artifact", "tagged.pth", "--variant", "lrformer-t", "--source", str(folder),
+                  "--output", "wrong.avi", cwd=tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("error: variant lrformer-t was asked for, but tagged.pth "
+                                   "records variant lrformer-test")
+    assert not (tmp_path / "wrong.avi").exists()
+
+
+def test_load_runner_rejects_a_variant_an_exported_artifact_contradicts(tmp_path):
+    from lrformer_edge.runners import load_runner
+
+    path = tmp_path / "tiny.onnx"
+    export_onnx(create_model("lrformer-test"), path, (64, 64))
+    assert load_runner(path, variant="lrformer-test").metadata["variant"] == "lrformer-test"
+    with pytest.raises(ValueError, match="variant lrformer-t was asked for, .* records variant "
+                                         "lrformer-test"):
+        load_runner(path, variant="lrformer-t")
+
+
+def test_cli_sigterm_finishes_the_video_and_prints_the_summary(clip, tmp_path):
+    command = [sys.executable, str(REPO / "deploy/camera_demo.py"), *TINY, "--source", str(clip),
+               "--serve", "0", "--hold", "--output", str(tmp_path / "out.avi"),
+               "--summary-json", str(tmp_path / "s.json")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    try:
+        lines = []
+        while not any("still serving the last frame" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, process.stderr.read()
+            lines.append(line)
+        process.send_signal(signal.SIGTERM)  # as systemd and docker stop do
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err  # as for Ctrl-C
+    assert "Traceback" not in err
+    out = "".join(lines) + out
+    assert f"{FRAMES} frames" in out and "terminated (SIGTERM)" in out
+    assert f"annotated video: {tmp_path / 'out.avi'}" in out
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == FRAMES and summary["end"] == "terminated (SIGTERM)"
+    written = _frames(tmp_path / "out.avi")
+    assert len(written) == FRAMES and written[0].shape == (HEIGHT, WIDTH, 3)
+    assert not list(tmp_path.glob(".out*"))  # the temporary was renamed into place

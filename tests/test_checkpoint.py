@@ -127,3 +127,64 @@ def test_load_runner_reads_the_variant_our_checkpoints_record(tmp_path, trained_
     with pytest.raises(ValueError, match="cannot tell which backend"):
         (tmp_path / "model.xyz").write_bytes(b"")
         load_runner(tmp_path / "model.xyz")
+
+
+@pytest.mark.parametrize("container, bad", [("pth", float("nan")), ("pth", float("inf")),
+                                            ("safetensors-fp16", float("nan"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, trained_state, container,
+                                                          bad):
+    key = "backbone.block1.0.attn.proj.weight"
+    state = {k: v.clone() for k, v in trained_state.items()}
+    state[key][0, :3] = bad
+    if container == "pth":
+        path = tmp_path / "diverged.pth"
+        save_mmseg_checkpoint(state, path)
+    else:
+        path = tmp_path / "diverged.safetensors"
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointError) as error:
+        lrformer_edge.create_model("lrformer-test", checkpoint=path)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {path}: tensor '{key}' has 3 non-finite values "
+                              f"(NaN/Inf)")
+    assert "more tensors" not in message and "\n" not in message
+
+
+def test_every_non_finite_tensor_is_counted(tmp_path, trained_state):
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in trained_state.items()}
+    torch.save(state, tmp_path / "nan.pth")
+    floating = sum(v.is_floating_point() for v in state.values())
+    with pytest.raises(CheckpointError, match=f"non-finite values \\(NaN/Inf\\) \\(and "
+                                              f"{floating - 1} more tensors\\)"):
+        lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "nan.pth")
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    """torch.load's own message advises weights_only=False, which is wrong (and unsafe) here."""
+    import numpy as np
+
+    from lrformer_edge.models.checkpoint import checkpoint_format
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert checkpoint_format(path) is None
+    with pytest.raises(CheckpointError) as error:
+        lrformer_edge.create_model("lrformer-test", checkpoint=path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a checkpoint: neither a PyTorch file")
+    assert "safetensors" in message and ".pth" in message
+    assert "weights_only" not in message
+
+
+def test_formats_are_told_by_content_not_name(tmp_path, trained_state):
+    from lrformer_edge.models.checkpoint import checkpoint_format
+
+    save_file({k: v.contiguous() for k, v in trained_state.items()}, str(tmp_path / "st.pth"))
+    torch.save(trained_state, tmp_path / "zip.pth")
+    torch.save(trained_state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert [checkpoint_format(tmp_path / n) for n in ("st.pth", "zip.pth", "legacy.pth")] == \
+        ["safetensors", "zip", "pickle"]
+    _assert_same(lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "st.pth"),
+                 trained_state)

@@ -133,6 +133,9 @@ def test_missing_masks_and_unknown_layouts(small_ade, tmp_path):
     (small_ade / "annotations" / "validation" / "procedural_00000000.png").unlink()
     with pytest.raises(DatasetError, match="1 images have no mask"):
         open_dataset(small_ade, "val")
+    with pytest.raises(DatasetError, match="nothing does not exist"):
+        open_dataset(tmp_path / "nothing")
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(DatasetError, match="cannot tell the layout"):
         open_dataset(tmp_path / "nothing")
     rgb_mask = small_ade / "annotations" / "validation" / "procedural_00000001.png"

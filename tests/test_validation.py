@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,14 @@ def test_gate_passes_for_good_exports_and_writes_reports(artifacts, tmp_path):
         assert len(result.per_class_iou) == 12 and result.peak_memory_mib is not None
     report = json.loads((tmp_path / "report/report.json").read_text())
     assert report["gate"]["passed"] and report["images"] == IMAGES
+    from lrformer_edge.cpu import host_cpu
+
+    assert report["cpu"]["isa"] == host_cpu().isa  # timings and INT8 accuracy depend on it
+    assert results[1].settings["cpu_isa"] == host_cpu().isa
     markdown = (tmp_path / "report/report.md").read_text()
     assert "Gate: PASSED" in markdown and "onnxruntime" in markdown
+    assert f"CPU: {host_cpu().describe()}" in markdown
+    assert host_cpu().describe() in (tmp_path / "report/report.html").read_text()
 
 
 def test_gate_fails_on_a_damaged_checkpoint_naming_the_metric(artifacts, tmp_path):
@@ -186,3 +193,61 @@ def test_html_report_renders_in_a_real_browser(artifacts, tmp_path):
 
     pixels = cv2.imread(str(screenshot))
     assert pixels is not None and np.std(pixels) > 10  # rendered content, not a blank page
+
+
+def _thresholds(tmp_path, backends: str) -> Path:
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"version: 1\nbackends:\n{backends}")
+    return path
+
+
+def test_a_typo_in_a_backend_key_is_refused_before_any_work(tmp_path):
+    """A misspelt backend used to match no artifact, so the gate passed anything (25% agreement)."""
+    thresholds = _thresholds(tmp_path, "  onnxrunt1me:\n    fp32: {min_pixel_agreement: 0.9999}\n")
+    done = _validate("--artifacts", str(REPO / "README.md"), "--thresholds", str(thresholds),
+                     "--report", str(tmp_path / "r"), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "unknown backend 'onnxrunt1me'" in done.stderr and "onnxruntime" in done.stderr
+    assert "computing" not in done.stdout and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("  openvino:\n    int9: {min_pixel_agreement: 0.99}\n",
+     "unknown precision 'int9' for backend openvino"),
+    ("  onnxruntime:\n    fp32: {min_pixel_agreement: high}\n",
+     "backends.onnxruntime.fp32.min_pixel_agreement must be a finite number, got 'high'"),
+    ("  onnxruntime:\n    fp32: {min_pixel_agreement: true}\n",
+     "min_pixel_agreement must be a finite number, got True"),
+    ("  onnxruntime:\n    fp32: {max_miou_drop_points: .nan}\n",
+     "max_miou_drop_points must be a finite number, got nan"),
+    ("  onnxruntime:\n    fp32:\n", "backends.onnxruntime.fp32 must map metrics to limits"),
+])
+def test_thresholds_keys_and_values_are_checked_on_load(tmp_path, entry, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_thresholds(_thresholds(tmp_path, entry))
+
+
+def test_every_precision_the_harness_reports_is_a_valid_key(tmp_path):
+    from lrformer_edge.validation.harness import reportable_precisions
+
+    known = reportable_precisions()
+    assert {"int8+bf16", "fp32"} <= set(known["openvino"])
+    assert {"fp16+int8", "w8a8"} <= set(known["coreml"])
+    lines = "".join(f"  {backend}:\n" + "".join(f"    {p}: {{min_pixel_agreement: 0.9}}\n"
+                                               for p in precisions)
+                    for backend, precisions in known.items())
+    assert set(load_thresholds(_thresholds(tmp_path, lines))["backends"]) == set(known)
+
+
+def test_an_artifact_without_limits_fails_the_gate(tmp_path):
+    thresholds = load_thresholds(_thresholds(
+        tmp_path, "  onnxruntime:\n    fp32: {min_pixel_agreement: 0.9999}\n"))
+    result = BackendResult("onnxruntime fp16 (m.onnx)", "m.onnx", "onnxruntime", "fp16",
+                           pixel_agreement=0.251, miou_delta_points=-84.0)
+    found = check([result], thresholds)
+    assert len(found) == 1
+    assert (f"no limits are defined for backend onnxruntime precision fp16 in "
+            f"{tmp_path / 'gate.yaml'}") in str(found[0])
+    covered = BackendResult("onnxruntime fp32 (m.onnx)", "m.onnx", "onnxruntime", "fp32",
+                            pixel_agreement=1.0, miou_delta_points=0.0)
+    assert check([covered], thresholds) == []

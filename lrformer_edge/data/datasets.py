@@ -225,6 +225,9 @@ def detect_format(root: str | Path) -> str:
 def open_dataset(root: str | Path, split: str = "val", fmt: str | None = None,
                  skip_bad: bool = False) -> SegmentationDataset:
     """A reader for ``root`` in its (detected) layout; ``split`` is "train" or "val"."""
+    if not Path(root).is_dir():
+        problem = "is a file, not a folder" if Path(root).exists() else "does not exist"
+        raise DatasetError(f"dataset root {root} {problem}")
     fmt = fmt or detect_format(root)
     if fmt not in DATASET_FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; known: {', '.join(DATASET_FORMATS)}")

@@ -88,10 +88,21 @@ def _sky_gradient(canvas: _Canvas, horizon: int, top, bottom) -> np.ndarray:
     return np.broadcast_to(gradient, (canvas.h, canvas.w, 3)).copy()
 
 
+MIN_SCENE_SIDE = 32
+
+
+def check_scene_size(size) -> tuple[int, int]:
+    """(height, width) of a scene: both at least MIN_SCENE_SIDE pixels."""
+    height, width = (int(v) for v in size)
+    if height < MIN_SCENE_SIDE or width < MIN_SCENE_SIDE:
+        raise ValueError(f"scene size must be at least {MIN_SCENE_SIDE}x{MIN_SCENE_SIDE} "
+                         f"(height x width), got {height}x{width}")
+    return height, width
+
+
 def generate_scene(seed: int, height: int = 512, width: int = 512) -> Scene:
     """One labelled street scene; the same seed and size always give the same scene."""
-    if height < 32 or width < 32:
-        raise ValueError(f"scene size must be at least 32x32, got {height}x{width}")
+    check_scene_size((height, width))
     rng = np.random.default_rng(seed)
     cv = _Canvas(height, width, rng)
     h, w = height, width
@@ -349,6 +360,7 @@ def write_ade20k_layout(root: str | Path, seeds_by_split: dict[str, range],
     The +1 follows ADE20K's convention, which readers undo with the reduce-zero-label rule.
     """
     root = Path(root)
+    size = check_scene_size(size)  # before any folder is made
     jobs = []
     for split, seeds in seeds_by_split.items():
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -366,6 +378,7 @@ def write_cityscapes_layout(root: str | Path, seeds_by_split: dict[str, range],
                             size: tuple[int, int] = (1024, 2048), city: str = "procedural") -> Path:
     """``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelIds.png``."""
     root = Path(root)
+    size = check_scene_size(size)  # before any folder is made
     lut = np.zeros(256, np.uint8)
     for name, label_id in CITYSCAPES_LABEL_IDS.items():
         lut[C[name]] = label_id

@@ -23,7 +23,12 @@ import numpy as np
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import ArtifactCheckError, ExportResult
-from lrformer_edge.files import artifact_size_bytes, default_file_mode, staged_directory
+from lrformer_edge.files import (
+    artifact_size_bytes,
+    check_replaceable_folder,
+    default_file_mode,
+    staged_directory,
+)
 from lrformer_edge.runners.base import require
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
@@ -178,9 +183,7 @@ def check_output_path(path: str | Path) -> Path:
     if path.suffix != ".mlpackage":
         raise ValueError(f"a Core ML ML program is a .mlpackage folder; got output {path} "
                          f"(name it e.g. {path.with_suffix('.mlpackage').name})")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a .mlpackage folder")
-    return path
+    return check_replaceable_folder(path)
 
 
 def export_coreml(model, output: str | Path, input_size=None,

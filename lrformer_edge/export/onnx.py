@@ -17,7 +17,7 @@ import numpy as np
 
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.metrics import Agreement, compare_logits
-from lrformer_edge.files import atomic_write
+from lrformer_edge.files import atomic_write, check_output_file
 
 MAX_OPSET = 20  # newest opset TensorRT 10.x parses
 MIN_OPSET = 17  # LayerNormalization
@@ -39,7 +39,7 @@ class ParityThresholds:
     min_pixel_agreement: float = 0.9999
 
     def violations(self, agreement: Agreement) -> list[str]:
-        found = []
+        found = agreement.nonfinite_problems()
         if agreement.max_abs is not None and agreement.max_abs > self.max_abs:
             found.append(f"max-abs {agreement.max_abs:.3g} > {self.max_abs:.3g}")
         if agreement.cosine is not None and agreement.cosine < self.min_cosine:
@@ -48,6 +48,20 @@ class ParityThresholds:
             found.append(f"argmax agreement {100 * agreement.pixel_agreement:.4f}% < "
                          f"{100 * self.min_pixel_agreement:.4f}%")
         return found
+
+
+# FP16 weights cannot meet FP32's max-abs bound; what matters is the decision per pixel.
+FP16_PARITY = ParityThresholds(max_abs=float("inf"), min_cosine=0.9999, min_pixel_agreement=0.995)
+# INT8 is a sanity check on one real calibration image; accuracy is measured by validation.
+# Measured: a correct INT8 model reaches cosine 0.9991-0.9998 (bundled LRFormer-T; the untrained
+# tiny model too, whose near-tie logits flip 2-7% of its labels), while saturated int8 sums (a
+# full-range OpenVINO IR on a CPU without VNNI) give cosine 0.95-0.978 and 42-69% agreement.
+INT8_PARITY = ParityThresholds(max_abs=float("inf"), min_cosine=0.995, min_pixel_agreement=0.90)
+
+
+def parity_thresholds(precision: str) -> ParityThresholds:
+    """The export parity bounds of an artifact of ``precision`` (fp32, fp16, int8)."""
+    return {"fp16": FP16_PARITY, "int8": INT8_PARITY}.get(precision, ParityThresholds())
 
 
 @dataclass
@@ -125,6 +139,7 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"output must end in .onnx, got {output}")
+    check_output_file(output)
     start = time.time()
     deployed = to_deploy(model, input_size)
     example = torch.from_numpy(parity_inputs(input_size, batch_size or 1))
@@ -182,6 +197,10 @@ def op_histogram(graph) -> dict[str, int]:
 
 def read_onnx_metadata(path: str | Path) -> dict:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(path), load_external_data=False)
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except DecodeError as error:  # truncated, damaged or not an ONNX file at all
+        raise ValueError(f"{path} is not a readable ONNX model: {error}") from None
     return decode_metadata({p.key: p.value for p in graph.metadata_props})

@@ -6,12 +6,13 @@ model with an explicitly FP32 OpenVINO runner, must compile under every inferenc
 """
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from lrformer_edge.cpu import DEFAULT_INT8_TARGET, int8_mismatch, resolve_int8_target
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import (
     OUTPUT_NAME,
@@ -20,28 +21,34 @@ from lrformer_edge.export.onnx import (
     ParityThresholds,
     check_parity,
     export_onnx,
+    parity_thresholds,
     parity_inputs,
 )
 from lrformer_edge.files import staged_directory
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.runners.base import RunnerStateError, require
-from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner, write_rt_metadata
+from lrformer_edge.runners.openvino import (
+    IR_PRECISIONS,
+    PRECISIONS,
+    OpenVINORunner,
+    write_rt_metadata,
+)
 
-IR_PRECISIONS = ("fp32", "fp16", "int8")
-# FP16 weights cannot meet FP32's max-abs bound; what matters is the decision per pixel.
-FP16_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.9999, min_pixel_agreement=0.995)
-# INT8 is a sanity check on one real calibration image; accuracy is measured by validation.
-INT8_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.99, min_pixel_agreement=0.95)
 
 
 def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
                     batch_size: int | None = 1, parity: ParityThresholds | None = None,
-                    calibration=None, max_drop: float | None = None) -> ExportResult:
+                    calibration=None, max_drop: float | None = None,
+                    target_isa: str = DEFAULT_INT8_TARGET) -> ExportResult:
     """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
     ``max_drop`` (mIoU points against the FP32 model's own predictions) turns on NNCF's
     accuracy control, which keeps the most sensitive layers in float until the drop fits.
+    ``target_isa`` is the x86 ISA the INT8 IR is made for (``lrformer_edge.cpu``): ``portable``
+    (default) runs correctly on every x86 CPU; ``vnni``/``amx`` keep full 8-bit weights, which
+    saturate on CPUs without VNNI. The parity check computes what the target computes: on a host
+    without VNNI, an IR for VNNI targets is checked with exact int8 arithmetic (emulated).
     """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
@@ -50,9 +57,9 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
     if precision != "int8" and (calibration is not None or max_drop is not None):
         raise ValueError("calibration data and max_drop apply to int8 only")
+    target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size or model.config.data.native_size)
-    parity = parity or {"fp16": FP16_PARITY, "int8": INT8_PARITY}.get(precision,
-                                                                       ParityThresholds())
+    parity = parity or parity_thresholds(precision)
     output_dir = Path(output_dir)
     start = time.time()
     with staged_directory(output_dir) as staging:
@@ -62,7 +69,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         if precision == "int8":
             from lrformer_edge.quant.ptq import quantize_openvino
 
-            ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop)
+            ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop,
+                                                       target_isa)
         metadata = artifact_metadata(
             model, input_size, format="openvino-ir", weights_precision=precision,
             batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
@@ -73,18 +81,40 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         (staging / "model.onnx").unlink()
         feed = calibration.batches[0] if precision == "int8" else \
             parity_inputs(input_size, batch_size or 1)
-        agreement = check_parity(to_deploy(model, input_size), OpenVINORunner(xml, precision="f32"),
-                                 feed, parity, xml.name)
+        emulate = precision == "int8" and int8_mismatch(target_isa) is not None
+        agreement = check_parity(to_deploy(model, input_size),
+                                 OpenVINORunner(xml, precision="f32", emulate_exact_int8=emulate),
+                                 feed, parity, xml.name + (" (exact int8 emulated)" if emulate else ""))
         compiles_under_every_hint(xml)
     return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
                         decode_metadata(metadata))
+
+
+def target_cpu_line(metadata: dict) -> str:
+    """What an exported IR assumes of the CPU, for the export summary."""
+    from lrformer_edge.cpu import host_cpu
+
+    quantization = metadata.get("quantization") or {}
+    if metadata.get("weights_precision") != "int8" or "target_cpu_isa" not in quantization:
+        return f"float IR: runs on any CPU (this one: {host_cpu().describe()})"
+    target = quantization["target_cpu_isa"]
+    if quantization.get("needs_vnni"):
+        line = (f"INT8 target CPUs: {target} ({quantization['weight_bits']}-bit weights; needs "
+                f"VNNI or AMX, saturates on CPUs without them)")
+    else:
+        line = (f"INT8 target CPUs: {target} ({quantization['weight_bits']}-bit weights; correct "
+                f"on every x86 CPU)")
+    mismatch = int8_mismatch(target)
+    return line + (f"\nthis CPU has no VNNI: parity was checked with exact int8 arithmetic "
+                   f"emulated; {mismatch}" if mismatch else "")
 
 
 def compiles_under_every_hint(xml: Path) -> None:
     """Compile and run once under each precision hint: an IR that fails any is not shipped."""
     for hint in PRECISIONS:
         try:
-            with OpenVINORunner(xml, precision=hint) as runner:
+            with warnings.catch_warnings(), OpenVINORunner(xml, precision=hint) as runner:
+                warnings.simplefilter("ignore", RuntimeWarning)  # ISA notes: the export says them
                 spec = runner.input_specs[0]
                 shape = tuple(1 if d is None else d for d in spec.shape)
                 output = runner.infer({spec.name: np.zeros(shape, np.float32)})[OUTPUT_NAME]

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,15 +32,13 @@ from lrformer_edge.export.onnx import (
     export_onnx,
     op_histogram,
     parity_inputs,
+    parity_thresholds,
     read_onnx_metadata,
 )
-from lrformer_edge.files import atomic_write, file_sha256
+from lrformer_edge.files import atomic_write, check_output_file, file_sha256
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 FP16_FLOAT_OPS = ("LayerNormalization", "Softmax", "Resize")
-FP16_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.9999, min_pixel_agreement=0.995)
-# A sanity check on one real calibration image; accuracy is measured by --validate.
-INT8_PARITY = ParityThresholds(max_abs=math.inf, min_cosine=0.99, min_pixel_agreement=0.95)
 SIDECAR_SUFFIX = ".json"
 
 
@@ -141,6 +138,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"output must end in .onnx, got {output}")
+    check_output_file(output)
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="lrformer-trt-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_size)
@@ -177,8 +175,7 @@ def _check(model, path, input_size, precision, calibration, parity):
     from lrformer_edge.models.deploy import to_deploy
     from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
-    thresholds = parity or {"fp16": FP16_PARITY, "int8": INT8_PARITY}.get(precision,
-                                                                       ParityThresholds())
+    thresholds = parity or parity_thresholds(precision)
     feed = calibration.batches[0] if precision == "int8" else parity_inputs(input_size)
     runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
     return check_parity(to_deploy(model, input_size), runner, feed, thresholds,
@@ -265,7 +262,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     from lrformer_edge.runners.tensorrt import cuda_gpu_name
 
     options = options or EngineOptions()
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    onnx_path, engine_path = Path(onnx_path), check_output_file(engine_path)
     start = time.time()
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lrformer_edge.live.annotate import annotate
-from lrformer_edge.live.sources import FrameSource
+from lrformer_edge.live.sources import FrameSource, SourceError
 
 STAGES = ("capture", "preprocess", "inference", "postprocess")
 
@@ -39,6 +40,7 @@ class DemoSummary:
     seconds: float = 0.0
     end_reason: str = ""
     dropped: int = 0
+    skipped: int = 0  # unreadable frames of a file or folder
     stage_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     frame_intervals: list[float] = field(default_factory=list)
     agreements: list[float] = field(default_factory=list)
@@ -58,7 +60,8 @@ class DemoSummary:
     def as_dict(self) -> dict:
         return {"frames": self.frames, "seconds": round(self.seconds, 3),
                 "mean_fps": round(self.mean_fps, 2), "median_fps": round(self.median_fps, 2),
-                "dropped_frames": self.dropped, "end": self.end_reason,
+                "dropped_frames": self.dropped, "skipped_frames": self.skipped,
+                "end": self.end_reason,
                 "stage_median_ms": {s: round(statistics.median(v), 2) if v else None
                                     for s, v in self.stage_ms.items()},
                 "reference_agreement": (round(float(np.mean(self.agreements)), 5)
@@ -72,7 +75,8 @@ class DemoSummary:
         lines = [f"runner settings: {self.settings}",
                  f"{d['frames']} frames in {d['seconds']:.1f} s ({d['end']}): mean "
                  f"{d['mean_fps']:.2f} FPS, median {d['median_fps']:.2f} FPS; dropped "
-                 f"{d['dropped_frames']} stale frames",
+                 f"{d['dropped_frames']} stale frames"
+                 + (f", skipped {self.skipped} unreadable frames" if self.skipped else ""),
                  f"median per stage: {stages}"]
         if d["reference_agreement"] is not None:
             lines.append(f"agreement with the FP32 reference on {len(self.agreements)} checked "
@@ -157,15 +161,37 @@ def check_options(options: DemoOptions) -> None:
         raise ValueError(f"folder of --output {options.output} does not exist")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, ``docker stop``): ends the run as Ctrl-C does, the video finished."""
+
+
+@contextlib.contextmanager
+def sigterm_ends_run():
+    """Within, SIGTERM raises Terminated in the main thread; later ones are ignored while the
+    run finishes its video (the service manager escalates to SIGKILL if that hangs)."""
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(pipeline, options: DemoOptions, reference=None, on_server_ready=None,
-             stop=None, on_hold=None) -> DemoSummary:
+             stop=None, on_hold=None, on_skip=None) -> DemoSummary:
     """Run until the source ends, ``max_frames``, the window closes, ``stop`` (an Event) is set
     or Ctrl-C (``on_hold(summary)`` is called when the source ends and ``hold`` keeps the server
     up). ``reference``: a SegmentationPipeline of the FP32 model, checked every
-    ``options.reference_every`` frames."""
+    ``options.reference_every`` frames. Unreadable frames of a file or folder are skipped and
+    counted, ``on_skip(message)`` (on the capture thread) naming them; a source with no readable
+    frame at all raises SourceError."""
     check_options(options)
     summary = DemoSummary()
-    source = FrameSource(options.source, options.max_frames)  # raises before anything opens
+    # a bad source raises here, before anything opens
+    source = FrameSource(options.source, options.max_frames, on_skip=on_skip)
     sink = window = server = None
     completed = False
     try:
@@ -185,12 +211,13 @@ def run_demo(pipeline, options: DemoOptions, reference=None, on_server_ready=Non
                     on_hold(summary)
                 _hold(stop)
         completed = True
-    except KeyboardInterrupt:
-        summary.end_reason = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as interrupt:
+        summary.end_reason = ("terminated (SIGTERM)" if isinstance(interrupt, Terminated)
+                              else "interrupted (Ctrl-C)")
         completed = True
     finally:
         source.close()
-        summary.dropped = source.dropped
+        summary.dropped, summary.skipped = source.dropped, source.skipped
         if sink is not None:
             kept = sink.close(keep=completed)
             summary.output = str(options.output) if kept else None
@@ -209,6 +236,9 @@ def _loop(pipeline, source, options, summary, sink, window, server, reference, s
             break
         frame = source.next(options.frame_timeout)
         if frame is None:
+            if not summary.frames and source.skipped:
+                raise SourceError(f"no readable frame in {options.source}: all {source.skipped} "
+                                  f"frames were unreadable")
             summary.end_reason = source.end_reason or "end of stream"
             break
         prediction = pipeline.predict(frame.image)

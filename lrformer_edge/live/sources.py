@@ -4,7 +4,8 @@ network stream (rtsp://, http(s)://).
 Capture runs on its own thread. For live sources (camera, network) it keeps only the newest frame
 (older ones are dropped), so inference never falls behind the scene however slow it is. Files are
 not live: every frame is handed over in order (the reader waits for the consumer), so an
-annotated video has one output frame per input frame.
+annotated video has one output frame per input frame; a frame that cannot be decoded (a corrupt
+image, a truncated video) is skipped and reported, never mistaken for the end of the file.
 """
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ LOST_AFTER_FAILED_READS = 25  # ~1 s of failed reads from a live source: the cam
 
 class SourceError(ValueError):
     """A source that cannot be opened or read (missing camera, unreadable file...)."""
+
+
+class UnreadableFrames(SourceError):
+    """Frames of a file source that cannot be decoded: skipped with a warning, not fatal."""
+
+    def __init__(self, message: str, count: int = 1):
+        super().__init__(message)
+        self.count = count
 
 
 @dataclass
@@ -63,12 +72,25 @@ class _VideoReader:
                     False: ""}[source.isdigit()]
             raise SourceError(f"cannot open {describe_source(source)}{hint}")
         self.capture = capture
+        self.source = source
         self.fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+        # Frames the file's header announces (0 for live sources): a file that ends before them
+        # is truncated or corrupt, which must not pass for a normal end of stream.
+        announced = 0 if is_live(source) else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.announced = max(0, announced)  # -1 when the container does not say
+        self.position = 0
 
     def read(self) -> np.ndarray | None:
         ok, frame = self.capture.read()
         if not ok or frame is None:
+            if self.position < self.announced:
+                announced, self.announced = self.announced, self.position  # reported once
+                raise UnreadableFrames(
+                    f"{self.source} ends after {self.position} of the {announced} frames its "
+                    f"header announces (truncated or corrupt file); skipped the missing "
+                    f"{announced - self.position}", announced - self.position)
             return None
+        self.position += 1
         return self.cv2.cvtColor(frame, self.cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
@@ -84,12 +106,15 @@ class _FolderReader:
         self.fps = 0.0
 
     def read(self) -> np.ndarray | None:
-        from lrformer_edge.data.datasets import read_image
+        from lrformer_edge.data.datasets import DatasetError, read_image
 
         if self.position >= len(self.paths):
             return None
         self.position += 1
-        return read_image(self.paths[self.position - 1])
+        try:
+            return read_image(self.paths[self.position - 1])
+        except DatasetError as error:
+            raise UnreadableFrames(f"{error}; skipped it") from None
 
     def close(self) -> None:
         pass
@@ -102,15 +127,23 @@ def open_reader(source: str):
 
 
 class FrameSource:
-    """``with FrameSource("0") as frames: frame = frames.next(timeout)`` (None at the end)."""
+    """``with FrameSource("0") as frames: frame = frames.next(timeout)`` (None at the end).
 
-    def __init__(self, source: str, max_frames: int | None = None):
+    Unreadable frames of a file or folder are skipped and counted in ``skipped``; ``on_skip``
+    (called on the capture thread) gets one message naming them. Any other capture failure is
+    raised, as a SourceError, by ``next``.
+    """
+
+    def __init__(self, source: str, max_frames: int | None = None, on_skip=None):
         self.source = str(source)
         self.live = is_live(self.source)
         self.max_frames = max_frames
+        self.on_skip = on_skip
         self.reader = open_reader(self.source)  # fails here, before any thread starts
         self.end_reason: str | None = None
         self.dropped = 0
+        self.skipped = 0
+        self._error: SourceError | None = None
         self._slot: Frame | None = None
         self._finished = False
         self._condition = threading.Condition()
@@ -143,7 +176,16 @@ class FrameSource:
                 self._finish(f"reached --max-frames {self.max_frames}")
                 return
             start = time.perf_counter()
-            image = self.reader.read()
+            try:
+                image = self.reader.read()
+            except UnreadableFrames as error:
+                self.skipped += error.count
+                if self.on_skip is not None:
+                    self.on_skip(str(error))
+                continue
+            except Exception as error:  # handed to the consumer: a dead thread would just stall it
+                self._fail(SourceError(f"reading {describe_source(self.source)} failed: {error}"))
+                return
             if image is None:
                 if self.live:
                     failures += 1
@@ -173,11 +215,19 @@ class FrameSource:
             self._finished = True
             self._condition.notify_all()
 
+    def _fail(self, error: SourceError) -> None:
+        with self._condition:
+            self._error = error
+            self._finished = True
+            self._condition.notify_all()
+
     def next(self, timeout: float = 10.0) -> Frame | None:
         """The newest frame not yet taken; None when the source has ended."""
         deadline = time.monotonic() + timeout
         with self._condition:
             while self._slot is None:
+                if self._error is not None:
+                    raise self._error
                 if self._finished:
                     return None
                 remaining = deadline - time.monotonic()

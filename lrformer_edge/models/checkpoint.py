@@ -26,11 +26,46 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    if path.suffix == ".safetensors":
-        raw = _read_safetensors(path)
-    else:
-        raw = _read_pickle(path)
-    return normalise_state_dict(raw, source=str(path))
+    kind = checkpoint_format(path)
+    if kind is None:  # torch.load would advise weights_only=False: wrong for a non-checkpoint
+        raise CheckpointError(
+            f"{path} is not a checkpoint: neither a PyTorch file (torch.save's zip or pickle) "
+            f"nor a safetensors file; expected one of those ({', '.join(CHECKPOINT_SUFFIXES)})")
+    raw = _read_safetensors(path) if kind == "safetensors" else _read_pickle(path)
+    state_dict = normalise_state_dict(raw, source=str(path))
+    check_finite(state_dict, source=str(path))
+    return state_dict
+
+
+def checkpoint_format(path: str | os.PathLike) -> str | None:
+    """What the first bytes say the file is: "zip" (torch.save), "pickle" (torch.save's legacy
+    format), "safetensors", or None (not a checkpoint at all)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # the PROTO opcode every pickle of protocol 2+ starts with
+    header_size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if head[8:9] == b"{" and 0 < header_size < os.path.getsize(path):
+        return "safetensors"  # 8-byte little-endian header size, then the JSON header
+    return None
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse NaN/Inf weights: the model would output NaN, which no later check can judge."""
+    bad = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad[key] = count
+    if bad:
+        key, count = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {source}: tensor {key!r} has {count} non-finite values (NaN/Inf){more}; "
+            f"the training that wrote it diverged or the file is damaged: use another checkpoint")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -249,15 +249,16 @@ def _static_class_for(module: nn.Module):
     return StaticLowResolutionAttention
 
 
-def check_input_size(input_size) -> tuple[int, int]:
+def check_input_size(input_size, name: str = "input_size") -> tuple[int, int]:
+    """(height, width) as ints, both positive multiples of 32; ``name`` is used in the error."""
     try:
         height, width = (int(v) for v in input_size)
     except (TypeError, ValueError):
-        raise ValueError(f"input_size must be (height, width), got {input_size!r}") from None
+        raise ValueError(f"{name} must be (height, width), got {input_size!r}") from None
     if height <= 0 or width <= 0 or height % INPUT_ALIGNMENT or width % INPUT_ALIGNMENT:
         aligned = tuple(max(INPUT_ALIGNMENT, math.ceil(v / INPUT_ALIGNMENT) * INPUT_ALIGNMENT)
                         for v in (height, width))
-        raise ValueError(f"input_size {height}x{width} must be positive multiples of "
+        raise ValueError(f"{name} {height}x{width} must be positive multiples of "
                          f"{INPUT_ALIGNMENT}; the nearest larger is {aligned[0]}x{aligned[1]}")
     return height, width
 

@@ -9,6 +9,7 @@ set's SHA-256 over the exact preprocessed tensors is recorded in every artifact 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lrformer_edge.data.datasets import IMAGE_SUFFIXES, DatasetError, open_datas
 from lrformer_edge.data.preprocess import preprocess
 
 PROCEDURAL = "procedural"
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,6 +94,12 @@ def _images_from(source: str, count: int, seed: int):
                                f"({', '.join(VIDEO_SUFFIXES)})")
         yield from _video_frames(root, count, seed)
         return
+    for path in _chosen_images(root, count, seed):
+        yield path.name, read_image(path)
+
+
+def _chosen_images(root: Path, count: int, seed: int) -> list[Path]:
+    """The image files of a folder source a set of ``count`` draws, in a fixed order."""
     try:
         dataset = open_dataset(root, "train")
         paths = [image for image, _ in dataset.pairs]
@@ -102,8 +110,23 @@ def _images_from(source: str, count: int, seed: int):
     groups: dict[str, list] = {}
     for path in paths:
         groups.setdefault(str(path.parent), []).append(path)
-    for path in sorted(stratified_choice(groups, count, np.random.default_rng(seed))):
-        yield path.name, read_image(path)
+    return sorted(stratified_choice(groups, count, np.random.default_rng(seed)))
+
+
+def check_calibration_source(source: str, count: int = 300, seed: int = 0) -> None:
+    """Fail now, not after minutes of exports, if ``source`` cannot give a calibration set:
+    a missing source, a file that is not a video, no images, or an image that does not decode
+    (the images the set would draw are decoded once here)."""
+    if count < 1:
+        raise ValueError(f"a calibration set needs at least one image, got count={count}")
+    if str(source) == PROCEDURAL:
+        return
+    root = Path(source)
+    if root.is_dir():
+        for path in _chosen_images(root, count, seed):
+            read_image(path)
+    else:
+        next(iter(_images_from(str(source), 1, seed)), None)  # existence, video readability
 
 
 def build_calibration_set(source: str, data_config, input_size, count: int = 300,
@@ -116,4 +139,7 @@ def build_calibration_set(source: str, data_config, input_size, count: int = 300
         names.append(name)
         batches.append(preprocess(image, data_config.mean, data_config.std,
                                   input_size=tuple(input_size)).batch)
+    if len(batches) < count:  # a small set calibrates worse: say so instead of carrying on silently
+        _log.warning(f"warning: calibration source {source} gave {len(batches)} images, "
+                     f"{count} were asked for; calibrating with {len(batches)}")
     return CalibrationSet(batches, str(source), seed, names)

@@ -15,11 +15,21 @@ Settings, and why:
   check ``any_of(scale.size(), OC, 1U)`` fails: the per-row weight scale is not per output
   channel). The classifier is left to NNCF's defaults. Accuracy control, when asked for, reverts the most
   sensitive remaining layers to float until the mIoU drop fits.
+* ``target_isa`` (see ``lrformer_edge.cpu``): the default ``portable`` limits weights to 7 bits
+  everywhere (``OverflowFix.ENABLE``), so no x86 CPU saturates its 16-bit int8 sums; ``vnni`` and
+  ``amx`` keep full 8-bit weights (``OverflowFix.DISABLE``) for CPUs that accumulate in 32 bits.
+  NNCF's own default (first layer only) suits neither and is never used.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from lrformer_edge.cpu import (
+    DEFAULT_INT8_TARGET,
+    host_cpu,
+    int8_needs_exact_accumulation,
+    resolve_int8_target,
+)
 from lrformer_edge.metrics import ConfusionMatrix
 from lrformer_edge.runners.base import require
 
@@ -35,12 +45,26 @@ def _nncf():
     return nncf
 
 
-def quantization_settings(calibration, max_drop) -> dict:
+def overflow_fix(nncf, target_isa: str):
+    """NNCF's overflow handling for an INT8 model made for ``target_isa``."""
+    exact = int8_needs_exact_accumulation(target_isa)
+    return nncf.OverflowFix.DISABLE if exact else nncf.OverflowFix.ENABLE
+
+
+def target_isa_settings(target_isa: str) -> dict:
+    """What the artifact records of its target CPU (read back by the runners)."""
+    exact = int8_needs_exact_accumulation(target_isa)
+    return {"target_cpu_isa": target_isa, "weight_bits": 8 if exact else 7,
+            "overflow_fix": "disable" if exact else "enable",
+            "needs_vnni": exact, "exported_on": host_cpu().describe()}
+
+
+def quantization_settings(calibration, max_drop, target_isa: str) -> dict:
     return {"quantization": {
         "tool": f"nncf {_nncf().__version__}", "model_type": "TRANSFORMER", "preset": "PERFORMANCE",
         "symmetric": True, "smooth_quant": False, "ignored_types": list(IGNORED_TYPES),
         "float_ops": FLOAT_POOLING,
-        "accuracy_control_max_drop_miou_points": max_drop},
+        "accuracy_control_max_drop_miou_points": max_drop, **target_isa_settings(target_isa)},
         "calibration_set": calibration.describe()}
 
 
@@ -52,9 +76,11 @@ def pooling_matmuls(ov_model) -> list[str]:
             and op.input_value(0).get_node().get_type_name() == "Constant"]
 
 
-def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None):
+def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None,
+                      target_isa: str = DEFAULT_INT8_TARGET):
     """(quantized ov.Model, settings for the artifact metadata)."""
     nncf = _nncf()
+    target_isa = resolve_int8_target(target_isa)
     dataset = nncf.Dataset(calibration.batches)
     common = dict(
         model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
@@ -62,6 +88,7 @@ def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None
         ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(ov_model),
                                         types=list(IGNORED_TYPES), validate=False))
     advanced = nncf.AdvancedQuantizationParameters(
+        overflow_fix=overflow_fix(nncf, target_isa),
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1, convolution=-1))
     if max_drop is None:
         quantized = nncf.quantize(ov_model, dataset, advanced_parameters=advanced, **common)
@@ -71,7 +98,7 @@ def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None
             ov_model, dataset, nncf.Dataset(validation), _miou_against_reference,
             max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
             advanced_quantization_parameters=advanced, **common)
-    return quantized, quantization_settings(calibration, max_drop)
+    return quantized, quantization_settings(calibration, max_drop, target_isa)
 
 
 def _reference_labels(torch_model, calibration) -> list[np.ndarray]:

@@ -3,7 +3,10 @@
 1. The deploy form at the export size is quantized by NNCF post-training quantization (the
    starting point); ``target="tensorrt"`` or ``"all"`` uses the quantizer rules TensorRT takes
    (symmetric int8, per-channel weights, per-tensor activations), which OpenVINO runs as well;
-   ``"openvino"`` keeps NNCF's CPU defaults.
+   ``"openvino"`` keeps NNCF's CPU defaults. ``cpu_isa`` (default portable) sets the weight range
+   as for PTQ (``lrformer_edge.quant.ptq.overflow_fix``): 7-bit weights unless the OpenVINO
+   model is made for VNNI/AMX CPUs only; ``target="tensorrt"`` alone keeps full 8-bit weights
+   (GPUs accumulate int8 in 32 bits).
 2. Fine-tuning: the KL divergence to the FP32 teacher's softened logits (temperature ``T``,
    weight ``distill_weight``) plus, when ``task_weight`` > 0 (default 0: pure distillation, which
    keeps the model closest to the FP32 ground truth), cross-entropy on the labels; small learning
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrformer_edge.cpu import int8_mismatch
 from lrformer_edge.data.datasets import IGNORE_INDEX
 from lrformer_edge.runners.base import require
 
@@ -39,6 +43,7 @@ class QATConfig:
     variant: str = "lrformer-t.procedural"
     checkpoint: str | None = None
     target: str = "all"
+    cpu_isa: str | None = None  # x86 CPUs the OpenVINO INT8 model is for (default portable)
     input_size: tuple[int, int] = (512, 512)
     iters: int = 300
     batch_size: int = 2  # per process
@@ -65,19 +70,33 @@ class QATConfig:
 
 def _nncf():
     import logging
+    import os
 
+    # NNCF compiles its C++ extension on first use and gives up after 60 s by default, which a
+    # loaded 2-core machine exceeds; a value the user set is kept.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     nncf = require("nncf", "qat", "quantization-aware training")
     logging.getLogger("nncf").setLevel(logging.WARNING)
     return nncf
 
 
-def quantizer_parameters(target: str) -> dict:
+def weight_target_isa(target: str, cpu_isa: str | None) -> str:
+    """The CPU ISA the QAT weights are made for: TensorRT alone needs no x86 overflow fix."""
+    from lrformer_edge.cpu import resolve_int8_target
+
+    return "vnni" if target == "tensorrt" else resolve_int8_target(cpu_isa)
+
+
+def quantizer_parameters(target: str, cpu_isa: str | None = None) -> dict:
     """Keyword arguments of ``nncf.quantize`` for ``target`` (the PTQ that initialises QAT)."""
+    from lrformer_edge.quant.ptq import overflow_fix
+
     nncf = _nncf()
     if target not in QAT_TARGETS:
         raise ValueError(f"target must be one of {QAT_TARGETS}, got {target!r}")
     advanced = {"smooth_quant_alphas": nncf.AdvancedSmoothQuantParameters(matmul=-1,
-                                                                          convolution=-1)}
+                                                                          convolution=-1),
+                "overflow_fix": overflow_fix(nncf, weight_target_isa(target, cpu_isa))}
     if target in ("tensorrt", "all"):
         advanced["activations_quantization_params"] = (
             nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False))
@@ -86,7 +105,8 @@ def quantizer_parameters(target: str) -> dict:
             "advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)}
 
 
-def quantize_for_training(model, input_size, calibration, target: str):
+def quantize_for_training(model, input_size, calibration, target: str,
+                          cpu_isa: str | None = None):
     """Deploy form of ``model`` at ``input_size`` -> NNCF fake-quant model (PTQ-initialised)."""
     from lrformer_edge.models.deploy import to_deploy
 
@@ -96,7 +116,7 @@ def quantize_for_training(model, input_size, calibration, target: str):
     batches = [torch.from_numpy(b) for b in calibration.batches]
     ignored = nncf.IgnoredScope(names=_pooling_matmuls(deployed, batches[0]), validate=False)
     return nncf.quantize(deployed, nncf.Dataset(batches), subset_size=len(batches),
-                         ignored_scope=ignored, **quantizer_parameters(target))
+                         ignored_scope=ignored, **quantizer_parameters(target, cpu_isa))
 
 
 def _pooling_matmuls(deployed, example) -> list[str]:
@@ -239,7 +259,8 @@ def train_qat(config: QATConfig, log=print) -> dict:
     else:
         say(f"NNCF post-training quantization ({config.target} rules) on "
             f"{len(calibration.batches)} calibration images as the QAT starting point")
-        student = quantize_for_training(teacher_model, size, calibration, config.target)
+        student = quantize_for_training(teacher_model, size, calibration, config.target,
+                                        config.cpu_isa)
         payload = None
     student.to(device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
@@ -398,8 +419,12 @@ def export_qat_openvino(quantized, payload: dict, output_dir, feed):
         write_rt_metadata(ov_model, metadata)
         xml = staging / f"{payload['variant']}-qat.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
-        agreement = _check_against_fake_quant(quantized, OpenVINORunner(xml, precision="f32"),
-                                              feed, xml.name)
+        # The fake-quant model computes exactly; a host whose int8 sums saturate is emulated
+        # when the IR is made for VNNI CPUs (a portable IR matches natively everywhere).
+        emulate = int8_mismatch(_qat_settings(payload).get("target_cpu_isa")) is not None
+        agreement = _check_against_fake_quant(
+            quantized, OpenVINORunner(xml, precision="f32", emulate_exact_int8=emulate), feed,
+            xml.name)
         compiles_under_every_hint(xml)
     return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
                         decode_metadata(metadata))
@@ -455,8 +480,14 @@ def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
 
 
 def _qat_settings(payload: dict) -> dict:
+    from lrformer_edge.quant.ptq import target_isa_settings
+
     config = payload.get("config", {})
+    # Checkpoints from before cpu_isa existed used NNCF's default: their target is unrecorded.
+    isa = (target_isa_settings(weight_target_isa(payload.get("target"), config["cpu_isa"]))
+           if "cpu_isa" in config else {})
     return {"tool": f"nncf {_nncf().__version__} QAT (torch)", "target": payload.get("target"),
+            **isa,
             "iterations": payload.get("iteration"), "best_val_mIoU": payload.get("best"),
             "lr": config.get("lr"), "distill_weight": config.get("distill_weight"),
             "task_weight": config.get("task_weight"),

@@ -23,7 +23,11 @@ ARTIFACT_SUFFIXES = TORCH_SUFFIXES + (".onnx", ".xml") + TENSORRT_SUFFIXES + (".
 
 
 def load_runner(path: str | Path, variant: str | None = None, **options) -> Runner:
-    """The runner for an artifact, chosen from its type and metadata."""
+    """The runner for an artifact, chosen from its type and metadata.
+
+    ``variant`` names the registry variant of a checkpoint that does not record it; naming one
+    that differs from the variant the artifact records is a ValueError, never silently ignored.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
@@ -32,11 +36,26 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
         from lrformer_edge.models.factory import create_model
         from lrformer_edge.runners.torch import TorchRunner
 
-        variant = variant or checkpoint_variant(path)
+        recorded = checkpoint_variant(path)
+        _check_variant_matches(path, variant, recorded)  # before building the wrong model
+        variant = variant or recorded
         if variant is None:
             raise ValueError(f"{path} does not record its variant (official checkpoints do not): "
                              f"name it, e.g. load_runner(path, variant='lrformer-t')")
         return TorchRunner(create_model(variant, checkpoint=path), **options)
+    runner = _exported_runner(path, **options)
+    if variant is not None:
+        _check_variant_matches(path, variant, runner.metadata.get("variant"))
+    return runner
+
+
+def _check_variant_matches(path: Path, asked: str | None, recorded: str | None) -> None:
+    if asked and recorded and asked != recorded:
+        raise ValueError(f"variant {asked} was asked for, but {path} records variant "
+                         f"{recorded}: leave the variant out or name {recorded}")
+
+
+def _exported_runner(path: Path, **options) -> Runner:
     if path.suffix == ".onnx":
         from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 

@@ -40,6 +40,21 @@ def require(module: str, extra: str, what: str):
             f"run: pip install 'lrformer-edge[{extra}]'") from None
 
 
+def cpu_settings() -> dict:
+    """The CPU facts every CPU runner reports beside its own settings (timings depend on them)."""
+    from lrformer_edge.cpu import host_cpu
+
+    cpu = host_cpu()
+    return {"cpu": cpu.describe(), "cpu_isa": cpu.isa}
+
+
+def unhonoured_hint(settings: dict) -> str | None:
+    """'the bf16 hint ran in f32 on this CPU' when a runner computes in another precision than
+    it was asked for (OpenVINO without native bf16), else None."""
+    asked, used = settings.get("requested_precision"), settings.get("inference_precision")
+    return f"the {asked} hint ran in {used} on this CPU" if asked and used and asked != used else None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

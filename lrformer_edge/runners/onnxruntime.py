@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.runners.base import Runner, TensorSpec, require
+from lrformer_edge.runners.base import Runner, TensorSpec, cpu_settings, require
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(int32)": "int32"}
@@ -70,7 +70,7 @@ class OnnxRuntimeRunner(Runner):
 
         providers = self.session.get_providers() if self.session else self.requested_providers
         return {"providers": providers, "threads": self.threads or "default",
-                "onnxruntime": onnxruntime.__version__}
+                "onnxruntime": onnxruntime.__version__, **cpu_settings()}
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(None, feed)

@@ -1,7 +1,13 @@
 """OpenVINO runner with the inference precision always explicit.
 
 OpenVINO's CPU plugin silently runs in bfloat16 on AMX CPUs unless told otherwise; this runner
-always sets ``INFERENCE_PRECISION_HINT`` and reports what the compiled model actually uses.
+always sets ``INFERENCE_PRECISION_HINT`` and reports what the compiled model actually uses, with
+the CPU's ISA. An INT8 IR records the CPU ISA it was made for (``lrformer_edge.cpu``): one that
+needs VNNI warns on a CPU without it, where its int8 sums saturate.
+
+``emulate_exact_int8=True`` runs the IR's quantize/dequantize steps in float instead of int8
+kernels (OpenVINO's low-precision transformations off): the arithmetic of a CPU that accumulates
+int8 in 32 bits (VNNI, AMX), on any CPU. It is slow; it is for checks, not for deployment.
 """
 from __future__ import annotations
 
@@ -10,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, require
+import warnings
+
+from lrformer_edge.cpu import int8_mismatch
+from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, cpu_settings, require
 
 PRECISIONS = ("f32", "bf16", "f16")
+IR_PRECISIONS = ("fp32", "fp16", "int8")  # weights of an IR, as its metadata records them
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 RT_INFO_ROOT = "lrformer_edge"
 
@@ -32,12 +42,27 @@ def _openvino():
     return require("openvino", "openvino", "the OpenVINO runner")
 
 
+def _check_ir_header(path: Path) -> None:
+    """Refuse a file that is not IR XML before OpenVINO tries (and logs) every other frontend."""
+    from xml.etree import ElementTree
+
+    try:
+        with open(path, "rb") as handle:
+            _, root = next(ElementTree.iterparse(handle, events=("start",)))
+    except (ElementTree.ParseError, StopIteration) as error:
+        raise ValueError(f"{path} is not an OpenVINO IR: not readable as XML ({error})") from None
+    if root.tag != "net":
+        raise ValueError(f"{path} is not an OpenVINO IR: its root element is <{root.tag}>, "
+                         f"expected <net>")
+
+
 class OpenVINORunner(Runner):
     backend = "openvino"
 
     def __init__(self, path: str | Path, precision: str = "f32", threads: int | None = None,
                  streams: int | None = None, mode: str = "latency", device: str = "CPU",
-                 name: str | None = None, profile: bool = False):
+                 name: str | None = None, profile: bool = False,
+                 emulate_exact_int8: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if mode not in MODES:
@@ -57,13 +82,22 @@ class OpenVINORunner(Runner):
         self.path = path
         self.precision, self.threads, self.streams = precision, threads, streams
         self.mode, self.device, self.profile = mode, device, profile
+        self.emulate_exact_int8 = emulate_exact_int8
+        self.isa_warning: str | None = None
         self._model = None
         self.compiled = None
         self.request = None
 
     def _read(self):
         if self._model is None:
-            self._model = _openvino().Core().read_model(str(self.path))
+            _check_ir_header(self.path)
+            try:
+                self._model = _openvino().Core().read_model(str(self.path))
+            except RuntimeError as error:  # a damaged file: bad input, not a crash
+                reason = [line for line in str(error).splitlines()
+                          if line.strip() and not line.startswith("Exception from")][-1:]
+                raise ValueError(f"cannot read the OpenVINO IR {self.path}: "
+                                 f"{reason[0] if reason else error}") from None
         return self._model
 
     def _activate(self) -> None:
@@ -76,6 +110,9 @@ class OpenVINORunner(Runner):
             config["NUM_STREAMS"] = self.streams
         if self.profile:
             config["PERF_COUNT"] = "YES"
+        if self.emulate_exact_int8:
+            config["LP_TRANSFORMS_MODE"] = False  # FakeQuantize in float: no int8 kernels
+        self._warn_on_isa_mismatch()
         try:
             self.compiled = ov.Core().compile_model(self._read(), self.device, config)
         except RuntimeError as error:
@@ -89,6 +126,21 @@ class OpenVINORunner(Runner):
 
     def _deactivate(self) -> None:
         self.request = self.compiled = None
+
+    def int8_target(self) -> tuple[bool, str | None]:
+        """(is an INT8 IR, the CPU ISA it was made for, or None if it records none)."""
+        metadata = self.metadata
+        quantization = metadata.get("quantization") or {}
+        return (metadata.get("weights_precision") == "int8",
+                quantization.get("target_cpu_isa") if isinstance(quantization, dict) else None)
+
+    def _warn_on_isa_mismatch(self) -> None:
+        is_int8, target = self.int8_target()
+        if not is_int8 or self.emulate_exact_int8 or self.device != "CPU":
+            return
+        self.isa_warning = int8_mismatch(target)
+        if self.isa_warning:
+            warnings.warn(f"{self.path.name}: {self.isa_warning}", RuntimeWarning, stacklevel=3)
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -106,7 +158,13 @@ class OpenVINORunner(Runner):
     def settings(self) -> dict:
         ov = _openvino()
         settings = {"device": self.device, "requested_precision": self.precision,
-                    "mode": self.mode, "openvino": ov.__version__}
+                    "mode": self.mode, "openvino": ov.__version__, **cpu_settings()}
+        is_int8, target = self.int8_target()
+        if is_int8:
+            settings["int8_target_cpu_isa"] = target or "unrecorded"
+            settings["int8_arithmetic"] = "emulated exact" if self.emulate_exact_int8 else "native"
+        if self.isa_warning:
+            settings["int8_warning"] = self.isa_warning
         if self.compiled is not None:
             used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
             settings["inference_precision"] = getattr(used, "get_type_name", lambda: str(used))()

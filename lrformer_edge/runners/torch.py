@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lrformer_edge.runners.base import Runner, TensorSpec
+from lrformer_edge.runners.base import Runner, TensorSpec, cpu_settings
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -41,7 +41,8 @@ class TorchRunner(Runner):
     @property
     def settings(self) -> dict:
         return {"device": str(self.device), "precision": "fp32",
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                **(cpu_settings() if str(self.device) == "cpu" else {})}
 
     def _activate(self) -> None:
         if self.device.type == "cuda":

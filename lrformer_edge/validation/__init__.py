@@ -58,7 +58,10 @@ def reference_input_size(config: ValidationConfig) -> tuple[int, int]:
     from lrformer_edge.validation.harness import artifact_metadata_of
 
     for path in config.artifacts:
-        size = (artifact_metadata_of(Path(path)) or {}).get("input_size")
+        try:
+            size = (artifact_metadata_of(Path(path)) or {}).get("input_size")
+        except Exception:  # noqa: BLE001 - an unreadable artifact becomes its error row later
+            continue
         if size:
             return tuple(size)
     return (512, 512)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lrformer_edge.data.datasets import IGNORE_INDEX
-from lrformer_edge.metrics import ConfusionMatrix, logits_agreement
+from lrformer_edge.metrics import ConfusionMatrix, count_nonfinite, logits_agreement
 
 SAMPLE_PANELS = 3  # images shown in the report
 
@@ -50,6 +50,8 @@ class BackendResult:
     artifact_mib: float | None = None
     images: int = 0
     settings: dict = field(default_factory=dict)
+    ground_truth: bool = False  # the reference's own row: shown, not gated
+    nonfinite_logits: int = 0  # NaN/Inf values among the logits it produced: always a failure
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,9 +138,9 @@ def describe_artifact(path: Path, openvino_precision: str = "f32") -> tuple[str,
         return "pytorch", "fp32", {}
     if path.suffix == ".mlpackage":
         options = (load_runner(path).metadata.get("coreml_options") or {})
-        precision = "w8a8" if options.get("w8a8") else options.get("precision", "fp16")
-        weights = options.get("weights", "float")
-        return "coreml", precision if weights == "float" else f"{precision}+{weights}", {}
+        return "coreml", coreml_precision_key(options.get("precision", "fp16"),
+                                              options.get("weights", "float"),
+                                              bool(options.get("w8a8"))), {}
     if path.suffix in TENSORRT_SUFFIXES:
         from lrformer_edge.export.tensorrt import read_sidecar
 
@@ -146,10 +148,50 @@ def describe_artifact(path: Path, openvino_precision: str = "f32") -> tuple[str,
     runner = load_runner(path)
     metadata = runner.metadata
     if runner.backend == "openvino":
-        weights = metadata.get("weights_precision", "fp32")
-        precision = weights if openvino_precision == "f32" else f"{weights}+{openvino_precision}"
+        precision = openvino_precision_key(metadata.get("weights_precision", "fp32"),
+                                           openvino_precision)
         return "openvino", precision, {"precision": openvino_precision}
     return runner.backend, metadata.get("precision", "fp32"), {}
+
+
+def openvino_precision_key(weights: str, hint: str) -> str:
+    """IR weights, plus the inference hint when it is not f32: "int8", "int8+bf16"."""
+    return weights if hint == "f32" else f"{weights}+{hint}"
+
+
+def coreml_precision_key(precision: str, weights: str, w8a8: bool) -> str:
+    """Compute precision (or "w8a8"), plus compressed weights: "fp16", "fp16+int8", "w8a8"."""
+    compute = "w8a8" if w8a8 else precision
+    return compute if weights == "float" else f"{compute}+{weights}"
+
+
+def reportable_precisions() -> dict[str, tuple[str, ...]]:
+    """backend -> every precision key ``describe_artifact`` can report (the gate's vocabulary)."""
+    from lrformer_edge.export.coreml import PRECISIONS as COREML_PRECISIONS
+    from lrformer_edge.export.coreml import WEIGHT_MODES
+    from lrformer_edge.export.tensorrt import TRT_PRECISIONS
+    from lrformer_edge.runners.openvino import IR_PRECISIONS
+    from lrformer_edge.runners.openvino import PRECISIONS as OPENVINO_HINTS
+
+    coreml = [coreml_precision_key(p, w, False) for p in COREML_PRECISIONS for w in WEIGHT_MODES]
+    coreml += [coreml_precision_key("fp16", w, True) for w in WEIGHT_MODES if w != "palette4"]
+    return {
+        "pytorch": ("fp32",),
+        # ONNX files record their precision: fp32 exports, the TensorRT-ready fp16/int8 ONNX.
+        "onnxruntime": TRT_PRECISIONS,
+        "openvino": tuple(openvino_precision_key(w, h) for w in IR_PRECISIONS
+                          for h in OPENVINO_HINTS),
+        "tensorrt": TRT_PRECISIONS,
+        "coreml": tuple(coreml),
+    }
+
+
+def cpu_notes(settings: dict) -> str:
+    """What the CPU changed about a run, from its runner's settings: a precision hint it could
+    not honour (bf16 without native bf16) or an INT8 model made for other CPUs."""
+    from lrformer_edge.runners.base import unhonoured_hint
+
+    return "; ".join(filter(None, [unhonoured_hint(settings), settings.get("int8_warning")]))
 
 
 def skip_reason(backend: str) -> str | None:
@@ -212,6 +254,8 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
                                  f"truth is {str(expected)[:12]}...")
             with pipeline:
                 result.settings = dict(runner.settings)
+                result.reason = "; ".join(filter(None, [result.reason,
+                                                        cpu_notes(result.settings)]))
                 for sample in samples:
                     prediction = pipeline.predict(sample.image)
                     latency.append(1000 * prediction.inference_seconds)
@@ -219,6 +263,8 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
                     expected = reference.labels[sample.name]
                     agreements.append(float((expected == prediction.labels).mean()))
                     labels_by_name[sample.name] = prediction.labels
+                    if prediction.logits is not None:
+                        result.nonfinite_logits += count_nonfinite(prediction.logits)
                     kept = reference.logits.get(sample.name)
                     if kept is not None and prediction.logits is not None \
                             and kept.shape == prediction.logits.shape:
@@ -264,7 +310,8 @@ def reference_result(reference, samples, class_names) -> tuple[BackendResult, di
     row = BackendResult("pytorch fp32 (ground truth)", reference.model.get("variant", "?"),
                         "pytorch", "fp32", miou=metrics["mIoU"], aacc=metrics["aAcc"],
                         per_class_iou=_nan_to_none(metrics["IoU"]), pixel_agreement=1.0,
-                        miou_delta_points=0.0, images=len(samples),
+                        miou_delta_points=0.0, images=len(samples), ground_truth=True,
+                        nonfinite_logits=sum(map(count_nonfinite, reference.logits.values())),
                         settings={"checkpoint_sha256": reference.model.get("checkpoint_sha256")})
     _fill_latency(row, reference.latency_ms)
     return row, metrics

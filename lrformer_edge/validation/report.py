@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lrformer_edge.cpu import host_cpu
 from lrformer_edge.data.postprocess import colorize
 from lrformer_edge.files import atomic_write
 
@@ -47,11 +48,18 @@ def table_rows(run) -> list[dict]:
     return rows
 
 
+def cpu_line() -> str:
+    """The CPU the run measured on (latency and INT8 accuracy depend on its ISA)."""
+    cpu = host_cpu()
+    note = cpu.int8_note()
+    return f"CPU: {cpu.describe()}." + (f" Note: {note}." if note else "")
+
+
 def to_json(run, violations, thresholds_version) -> dict:
     return {"created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dataset": run.dataset, "images": run.results[0].images,
             "input_size": list(run.input_size), "seconds": round(run.seconds, 1),
-            "thresholds_version": thresholds_version,
+            "thresholds_version": thresholds_version, "cpu": host_cpu().as_dict(),
             "gate": {"passed": not violations, "violations": [str(v) for v in violations]},
             "class_names": run.class_names, "results": [r.as_dict() for r in run.results]}
 
@@ -60,7 +68,7 @@ def to_markdown(run, violations) -> str:
     rows = table_rows(run)
     headers = list(rows[0])
     lines = [f"## Validation: {run.dataset}, {run.results[0].images} images at "
-             f"{run.input_size[0]}x{run.input_size[1]}", "",
+             f"{run.input_size[0]}x{run.input_size[1]}", "", cpu_line(), "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(row[h]).replace("|", "/") for h in headers) + " |"
               for row in rows]
@@ -215,6 +223,7 @@ def to_html(run, violations, thresholds_version) -> str:
 <h1>{html.escape(title)}</h1>
 <p>Ground truth: the FP32 PyTorch model. Thresholds version {thresholds_version}.
 Run time {run.seconds:.0f} s.</p>
+<p id="cpu">{html.escape(cpu_line())}</p>
 {verdict}
 <h2>Backends</h2>
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
