@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="samples whose reference logits are kept for max-abs/cosine")
     parser.add_argument("--openvino-precision", choices=("f32", "bf16", "f16"), default="f32",
                         help="OpenVINO inference precision hint (default f32)")
+    parser.add_argument("--emulate-exact-int8", action="store_true",
+                        help="run OpenVINO INT8 IRs with exact int8 arithmetic emulated (slow): "
+                             "what a CPU with VNNI or AMX computes, e.g. to gate an IR made with "
+                             "--cpu-isa vnni on a CPU without VNNI")
     parser.add_argument("--require-all", action="store_true",
                         help="fail the gate when an artifact was skipped")
     args = parser.parse_args(argv)
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
         input_size=tuple(args.input_size) if args.input_size else None,
         thresholds=args.thresholds, save_reference=args.save_reference,
         load_reference=args.load_reference, logit_images=args.logit_images,
-        openvino_precision=args.openvino_precision, require_all=args.require_all)
+        openvino_precision=args.openvino_precision, require_all=args.require_all,
+        emulate_exact_int8=args.emulate_exact_int8)
     try:
         outcome = run_validation(config)
     except (ValueError, ImportError, KeyError) as error:

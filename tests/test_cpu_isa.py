@@ -243,3 +243,22 @@ def test_a_precision_hint_the_cpu_did_not_honour_is_said():
     assert cpu_notes({**fallback, "int8_warning": "made for vnni CPUs"}) == (
         "the bf16 hint ran in f32 on this CPU; made for vnni CPUs")
     assert cpu_notes({}) == ""
+
+
+@pytest.mark.slow
+def test_validation_gates_a_vnni_ir_with_exact_int8_emulated(tiny, int8_irs):
+    """deploy/validate.py --emulate-exact-int8: the arithmetic of a VNNI/AMX CPU on any CPU."""
+    from lrformer_edge.validation import load_samples
+    from lrformer_edge.validation.harness import reference_result, run_artifact
+    from lrformer_edge.validation.reference import compute_reference
+
+    samples, _ = load_samples(None, 2, SIZE)
+    reference = compute_reference(tiny, samples, SIZE, 1)
+    names = tiny.config.data.class_names
+    _, metrics = reference_result(reference, samples, names)
+    result, _ = run_artifact(int8_irs["vnni"].path, samples, reference, metrics, names,
+                             emulate_exact_int8=True)
+    assert result.status == "ok" and result.precision == "int8"
+    assert result.settings["int8_arithmetic"] == "emulated exact"
+    assert "exact int8 arithmetic emulated" in result.reason and "no VNNI" not in result.reason
+    assert result.logits_cosine > 0.999 and result.pixel_agreement > 0.9

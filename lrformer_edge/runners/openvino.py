@@ -25,6 +25,7 @@ PRECISIONS = ("f32", "bf16", "f16")
 IR_PRECISIONS = ("fp32", "fp16", "int8")  # weights of an IR, as its metadata records them
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 RT_INFO_ROOT = "lrformer_edge"
+_WARNED: set[Path] = set()  # IRs whose CPU mismatch was already said
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ class OpenVINORunner(Runner):
         if not is_int8 or self.emulate_exact_int8 or self.device != "CPU":
             return
         self.isa_warning = int8_mismatch(target)
-        if self.isa_warning:
+        if self.isa_warning and self.path.resolve() not in _WARNED:
+            _WARNED.add(self.path.resolve())  # once per IR and process, not per activation
             warnings.warn(f"{self.path.name}: {self.isa_warning}", RuntimeWarning, stacklevel=3)
 
     @property

@@ -24,6 +24,8 @@ class ValidationConfig:
     load_reference: Path | None = None
     logit_images: int = 5
     openvino_precision: str = "f32"
+    # OpenVINO INT8 IRs with exact int8 arithmetic emulated: what a VNNI/AMX CPU computes, on any CPU
+    emulate_exact_int8: bool = False
     require_all: bool = False
     log: object = field(default=print, repr=False)
 
@@ -99,7 +101,8 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
         reference.save(config.save_reference)
         config.log(f"saved the ground-truth outputs to {config.save_reference}")
     run = validate_artifacts(config.artifacts, samples, reference, description, class_names,
-                             palette, config.openvino_precision, config.log)
+                             palette, config.openvino_precision, config.log,
+                             config.emulate_exact_int8)
     violations = check(run.results, thresholds, config.require_all)
     reports = write_reports(run, violations, thresholds.get("version"), config.report_dir)
     return ValidationOutcome(run, violations, reports)

@@ -130,7 +130,8 @@ def artifact_metadata_of(path: Path) -> dict | None:
     return load_runner(path).metadata
 
 
-def describe_artifact(path: Path, openvino_precision: str = "f32") -> tuple[str, str, dict]:
+def describe_artifact(path: Path, openvino_precision: str = "f32",
+                      emulate_exact_int8: bool = False) -> tuple[str, str, dict]:
     """(backend, precision key for the gate, runner options) read from the artifact."""
     from lrformer_edge.runners import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
 
@@ -150,7 +151,8 @@ def describe_artifact(path: Path, openvino_precision: str = "f32") -> tuple[str,
     if runner.backend == "openvino":
         precision = openvino_precision_key(metadata.get("weights_precision", "fp32"),
                                            openvino_precision)
-        return "openvino", precision, {"precision": openvino_precision}
+        return "openvino", precision, {"precision": openvino_precision,
+                                       "emulate_exact_int8": emulate_exact_int8}
     return runner.backend, metadata.get("precision", "fp32"), {}
 
 
@@ -191,7 +193,10 @@ def cpu_notes(settings: dict) -> str:
     not honour (bf16 without native bf16) or an INT8 model made for other CPUs."""
     from lrformer_edge.runners.base import unhonoured_hint
 
-    return "; ".join(filter(None, [unhonoured_hint(settings), settings.get("int8_warning")]))
+    emulated = settings.get("int8_arithmetic") == "emulated exact" and (
+        "exact int8 arithmetic emulated (what a VNNI/AMX CPU computes)")
+    return "; ".join(filter(None, [unhonoured_hint(settings), settings.get("int8_warning"),
+                                   emulated]))
 
 
 def skip_reason(backend: str) -> str | None:
@@ -222,13 +227,15 @@ def _nan_to_none(values) -> list:
 
 
 def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
-                 class_names, openvino_precision: str = "f32") -> tuple[BackendResult, dict]:
+                 class_names, openvino_precision: str = "f32",
+                 emulate_exact_int8: bool = False) -> tuple[BackendResult, dict]:
     """One artifact against labels and the reference; never raises for the artifact's sake."""
     from lrformer_edge.pipeline import SegmentationPipeline
     from lrformer_edge.runners import load_runner
 
     try:
-        backend, precision, options = describe_artifact(path, openvino_precision)
+        backend, precision, options = describe_artifact(path, openvino_precision,
+                                                        emulate_exact_int8)
     except Exception as error:  # an unreadable artifact is a result, not a crash
         return BackendResult(path.name, str(path), "unknown", "unknown", "error",
                              f"cannot open: {error}"), {}
@@ -319,7 +326,7 @@ def reference_result(reference, samples, class_names) -> tuple[BackendResult, di
 
 def validate_artifacts(artifacts: list[Path], samples: list, reference, dataset: str,
                        class_names, palette, openvino_precision: str = "f32",
-                       log=print) -> ValidationRun:
+                       log=print, emulate_exact_int8: bool = False) -> ValidationRun:
     start = time.time()
     reference.check_samples([s.name for s in samples])
     ground_truth, reference_metrics = reference_result(reference, samples, class_names)
@@ -329,7 +336,7 @@ def validate_artifacts(artifacts: list[Path], samples: list, reference, dataset:
     for path in artifacts:
         log(f"validating {path}")
         result, labels = run_artifact(Path(path), samples, reference, reference_metrics,
-                                      class_names, openvino_precision)
+                                      class_names, openvino_precision, emulate_exact_int8)
         results.append(result)
         predictions.append({n: labels[n] for n in panel_names if n in labels})
         log(f"  {result.status}" + (f": {result.reason}" if result.reason else
