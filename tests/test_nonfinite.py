@@ -117,3 +117,11 @@ def test_harness_counts_non_finite_logits_of_an_artifact(tiny_model, tmp_path):
     assert result.status == "ok", result.reason
     assert result.nonfinite_logits > 0
     assert NONFINITE in {v.metric for v in check([ground_truth, result], load_thresholds())}
+
+
+def test_a_nan_metric_passes_no_limit():
+    """A cosine of NaN (all-zero logits) compares false with every limit: it must fail."""
+    result = _result(0)
+    result.logits_cosine = float("nan")
+    violations = check([result], load_thresholds())
+    assert [v.metric for v in violations] == ["min_logits_cosine"]

@@ -136,7 +136,8 @@ def check(results, thresholds: dict, require_all: bool = False) -> list[Violatio
                 if attribute.startswith("logits"):
                     continue  # other input size than the reference: not comparable, not a failure
                 violations.append(Violation(result.name, metric, None, limit))
-            elif (kind == "min" and value < limit) or (kind == "max" and value > limit):
+            elif (value != value or (kind == "min" and value < limit)  # NaN passes no limit
+                  or (kind == "max" and value > limit)):
                 violations.append(Violation(result.name, metric, value, limit))
     return nonfinite_violations(results) + violations
 
