@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread per pytest-xdist worker (they share the cores), two at most otherwise.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
+                      max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="session")
