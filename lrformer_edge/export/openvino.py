@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.cpu import DEFAULT_INT8_TARGET, int8_mismatch, resolve_int8_target
+from lrformer_edge.cpu import DEFAULT_INT8_TARGET, host_cpu, int8_mismatch, resolve_int8_target
 from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.export.onnx import (
     OUTPUT_NAME,
@@ -92,8 +92,6 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
 
 def target_cpu_line(metadata: dict) -> str:
     """What an exported IR assumes of the CPU, for the export summary."""
-    from lrformer_edge.cpu import host_cpu
-
     quantization = metadata.get("quantization") or {}
     if metadata.get("weights_precision") != "int8" or "target_cpu_isa" not in quantization:
         return f"float IR: runs on any CPU (this one: {host_cpu().describe()})"

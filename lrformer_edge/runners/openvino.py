@@ -11,12 +11,11 @@ int8 in 32 bits (VNNI, AMX), on any CPU. It is slow; it is for checks, not for d
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-import warnings
 
 from lrformer_edge.cpu import int8_mismatch
 from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, cpu_settings, require
