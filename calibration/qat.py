@@ -85,8 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export_best(output: Path, target: str) -> list:
-    from lrformer_edge.quant.calibration import build_calibration_set
-    from lrformer_edge.quant.qat import export_qat_openvino, export_qat_qdq_onnx, restore
+    from lrformer_edge.data.calibration import build_calibration_set
+    from lrformer_edge.quant.qat import (
+        export_qat_openvino,
+        export_qat_qdq_onnx,
+        restore,
+    )
 
     quantized, payload = restore(output / "best.pth")
     size = tuple(payload["input_size"])
@@ -101,7 +105,7 @@ def export_best(output: Path, target: str) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lrformer_edge.export import run_export_cli
+    from lrformer_edge.artifacts.result import run_export_cli
     from lrformer_edge.quant.qat import QATConfig, train_qat
 
     config = QATConfig(

@@ -32,11 +32,11 @@ from lrformer_edge.benchmark import (
 )
 from lrformer_edge.cli import add_int8_target_argument, check_output_argument
 from lrformer_edge.cpu import host_cpu
+from lrformer_edge.data.calibration import check_calibration_source
 from lrformer_edge.files import atomic_write
-from lrformer_edge.quant.calibration import check_calibration_source
-from lrformer_edge.resources import check_export_size
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
+from lrformer_edge.resources import check_export_size
 
 
 def main(argv=None) -> int:

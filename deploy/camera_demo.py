@@ -23,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from lrformer_edge.live.demo import DemoOptions, run_demo, sigterm_ends_run
 from lrformer_edge.cli import check_output_argument
+from lrformer_edge.live.demo import DemoOptions, run_demo, sigterm_ends_run
 from lrformer_edge.live.sources import SourceError
 from lrformer_edge.registry import BUNDLED_MODEL, list_models
 

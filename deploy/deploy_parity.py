@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lrformer_edge.export.onnx import ParityThresholds, export_onnx, parity_inputs
+from lrformer_edge.artifacts.parity import ParityThresholds, parity_inputs
+from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.metrics import compare_logits, decisive_argmax_agreement
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.models.factory import create_model

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.benchmark import profile_layers, profile_table
+from lrformer_edge.artifacts.optional import MissingDependencyError
+from lrformer_edge.artifacts.runner import RunnerStateError
+from lrformer_edge.backends.openvino.profile import profile_layers, profile_table
+from lrformer_edge.backends.openvino.runner import PRECISIONS, OpenVINORunner
 from lrformer_edge.files import atomic_write
-from lrformer_edge.runners.base import MissingDependencyError, RunnerStateError
-from lrformer_edge.runners.openvino import PRECISIONS, OpenVINORunner
 
 
 def main(argv=None) -> int:

@@ -23,13 +23,17 @@ import cv2
 import numpy as np
 
 from lrformer_edge.cli import check_output_argument
-from lrformer_edge.data.postprocess import colorize
 from lrformer_edge.data.procedural import check_scene_size
-from lrformer_edge.evaluation import evaluate_pipeline, keep_labels, procedural_validation_samples
+from lrformer_edge.evaluation import (
+    evaluate_pipeline,
+    keep_labels,
+    procedural_validation_samples,
+)
 from lrformer_edge.files import atomic_write
 from lrformer_edge.models.deploy import check_input_size
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.postprocess import colorize
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden
 from lrformer_edge.registry import BUNDLED_MODEL, get_config
 from lrformer_edge.resources import check_export_size
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
 
 def export_and_validate(model, args, output: Path, torch_labels: dict, torch_metrics: dict) -> dict:
     """ONNX at the scenes' size, then the same scenes through ONNX Runtime."""
-    from lrformer_edge.export.onnx import export_onnx
+    from lrformer_edge.backends.onnxruntime.export import export_onnx
 
     size = tuple(args.size)
     result = export_onnx(model, output / f"{BUNDLED_MODEL}-{size[0]}x{size[1]}.onnx", size)

@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from lrformer_edge.cli import add_model_arguments, check_output_argument
-from lrformer_edge.export import run_export_cli
-from lrformer_edge.export.coreml import (
+from lrformer_edge.artifacts.result import run_export_cli
+from lrformer_edge.backends.coreml.export import (
     INPUT_TYPES,
     OUTPUT_TYPES,
     PRECISIONS,
@@ -38,6 +37,7 @@ from lrformer_edge.export.coreml import (
     WEIGHT_MODES,
     CoreMLOptions,
 )
+from lrformer_edge.cli import add_model_arguments, check_output_argument
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.resources import check_export_size
 
@@ -79,7 +79,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lrformer_edge.export.coreml import export_coreml, proxy_accuracy
+    from lrformer_edge.backends.coreml.export import export_coreml
+    from lrformer_edge.evaluation import proxy_accuracy
 
     state = {}
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         size = check_export_size(model, size, args.calib_images if args.w8a8 else 0)
         calibration = None
         if args.w8a8:
-            from lrformer_edge.quant.calibration import build_calibration_set
+            from lrformer_edge.data.calibration import build_calibration_set
 
             calibration = build_calibration_set(args.calib_data, model.config.data, size,
                                                 args.calib_images, args.seed)

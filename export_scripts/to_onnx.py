@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+from lrformer_edge.artifacts.parity import ParityThresholds
+from lrformer_edge.artifacts.result import run_export_cli
+from lrformer_edge.backends.onnxruntime.export import MAX_OPSET, MIN_OPSET, export_onnx
 from lrformer_edge.cli import add_model_arguments, check_output_argument
-from lrformer_edge.export import run_export_cli
-from lrformer_edge.export.onnx import MAX_OPSET, MIN_OPSET, ParityThresholds, export_onnx
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.resources import check_export_size
 

@@ -18,9 +18,17 @@ from __future__ import annotations
 
 import argparse
 
-from lrformer_edge.cli import add_int8_target_argument, add_model_arguments, check_output_argument
-from lrformer_edge.export import run_export_cli
-from lrformer_edge.export.openvino import IR_PRECISIONS, export_openvino, target_cpu_line
+from lrformer_edge.artifacts.result import run_export_cli
+from lrformer_edge.backends.openvino.export import (
+    IR_PRECISIONS,
+    export_openvino,
+    target_cpu_line,
+)
+from lrformer_edge.cli import (
+    add_int8_target_argument,
+    add_model_arguments,
+    check_output_argument,
+)
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.resources import check_export_size
 
@@ -55,7 +63,7 @@ def main(argv=None) -> int:
                                  args.calib_images if args.precision == "int8" else 0)
         calibration = None
         if args.precision == "int8":
-            from lrformer_edge.quant.calibration import build_calibration_set
+            from lrformer_edge.data.calibration import build_calibration_set
 
             calibration = build_calibration_set(args.calib_data, model.config.data, size,
                                                 args.calib_images, args.seed)

@@ -25,8 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from lrformer_edge.artifacts.result import run_export_cli
 from lrformer_edge.cli import add_model_arguments, check_output_argument
-from lrformer_edge.export import run_export_cli
 from lrformer_edge.resources import check_export_size
 
 TENSORRT_MISSING_EXIT = 3
@@ -93,7 +93,7 @@ def _model(args):
 
 
 def _calibration(args, data_config, size):
-    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.data.calibration import build_calibration_set
 
     calibration = build_calibration_set(args.calib_data or "procedural", data_config, size,
                                         args.calib_images, args.seed)
@@ -104,8 +104,11 @@ def _calibration(args, data_config, size):
 
 def step_onnx(args):
     """Write (or check, with --from-onnx) the TensorRT-ready ONNX; returns its metadata."""
-    from lrformer_edge.export.onnx import read_onnx_metadata
-    from lrformer_edge.export.tensorrt import check_calibration_matches, export_tensorrt_onnx
+    from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
+    from lrformer_edge.backends.tensorrt.export import (
+        check_calibration_matches,
+        export_tensorrt_onnx,
+    )
 
     if args.from_onnx:
         if not args.from_onnx.is_file():
@@ -118,7 +121,7 @@ def step_onnx(args):
             raise ValueError(f"{args.from_onnx} is a {metadata.get('precision')} ONNX, but "
                              f"--{args.precision} was asked for")
         if args.calib_data:
-            from lrformer_edge.export.metadata import data_config_from_metadata
+            from lrformer_edge.artifacts.metadata import data_config_from_metadata
 
             data = data_config_from_metadata(metadata)
             check_calibration_matches(args.from_onnx, _calibration(args, data,
@@ -144,7 +147,7 @@ def step_onnx(args):
 
 
 def _qat_onnx(args) -> dict:
-    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.data.calibration import build_calibration_set
     from lrformer_edge.quant.qat import export_qat_qdq_onnx, restore
 
     quantized, payload = restore(args.qat_checkpoint)
@@ -199,9 +202,9 @@ def main(argv=None) -> int:
     onnx_path = _onnx_path(args)
     if args.onnx_only:
         if args.validate:
-            from lrformer_edge.export.metadata import data_config_from_metadata
+            from lrformer_edge.artifacts.metadata import data_config_from_metadata
+            from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
             from lrformer_edge.pipeline import SegmentationPipeline
-            from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
             pipeline = SegmentationPipeline(
                 OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"]),
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
 
 
 def step_engine(args, onnx_path: Path, metadata: dict) -> int:
-    from lrformer_edge.export.tensorrt import (
+    from lrformer_edge.backends.tensorrt.engine import (
         EngineOptions,
         TensorRTUnavailable,
         TimingCacheMismatch,

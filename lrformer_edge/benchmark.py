@@ -109,8 +109,8 @@ def int8_row_name(target_isa: str) -> str:
 
 def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log,
                          int8_targets):
-    from lrformer_edge.export.openvino import export_openvino
-    from lrformer_edge.runners.openvino import OpenVINORunner
+    from lrformer_edge.backends.openvino.export import export_openvino
+    from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
     log("exporting OpenVINO FP32 IR")
     irs = {"fp32": export_openvino(model, work_dir / "openvino-fp32", input_size, "fp32").path}
@@ -134,12 +134,12 @@ def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_
 
 def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log):
     """TensorRT-ready ONNX (run by ONNX Runtime here) and, where possible, engines."""
-    from lrformer_edge.export.tensorrt import (
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+    from lrformer_edge.backends.tensorrt.engine import (
         build_engine,
-        export_tensorrt_onnx,
         tensorrt_unavailable_reason,
     )
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+    from lrformer_edge.backends.tensorrt.export import export_tensorrt_onnx
 
     candidates, onnx_files = [], {}
     for precision in ("fp16", "int8"):
@@ -157,7 +157,7 @@ def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log)
             candidates.append(Candidate("TensorRT engine", "tensorrt", precision,
                                         status=f"skipped: {reason}"))
             continue
-        from lrformer_edge.runners.tensorrt import TensorRTRunner
+        from lrformer_edge.backends.tensorrt.runner import TensorRTRunner
 
         log(f"building the {precision} TensorRT engine")
         engine = build_engine(path, work_dir / f"tensorrt-{precision}.engine").path
@@ -167,13 +167,13 @@ def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log)
 
 
 def _coreml_candidate(model, input_size, work_dir, log) -> Candidate:
-    from lrformer_edge.runners.coreml import coreml_unavailable_reason
+    from lrformer_edge.backends.coreml.runner import coreml_unavailable_reason
 
     reason = coreml_unavailable_reason()
     if reason:
         return Candidate("Core ML package", "coreml", "fp16", status=f"skipped: {reason}")
-    from lrformer_edge.export.coreml import CoreMLOptions, export_coreml
-    from lrformer_edge.runners.coreml import CoreMLRunner
+    from lrformer_edge.backends.coreml.export import CoreMLOptions, export_coreml
+    from lrformer_edge.backends.coreml.runner import CoreMLRunner
 
     log("exporting the FP16 Core ML package")
     package = export_coreml(model, work_dir / "coreml-fp16.mlpackage", input_size,
@@ -199,15 +199,16 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
     """
     from pathlib import Path
 
+    from lrformer_edge.artifacts.parity import parity_inputs
+    from lrformer_edge.backends.onnxruntime.export import export_onnx
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+    from lrformer_edge.backends.pytorch.runner import TorchRunner
     from lrformer_edge.evaluation import (
         evaluate_pipeline,
         keep_labels,
         procedural_validation_samples,
     )
-    from lrformer_edge.export.onnx import export_onnx, parity_inputs
     from lrformer_edge.pipeline import SegmentationPipeline
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
-    from lrformer_edge.runners.torch import TorchRunner
 
     work_dir = Path(work_dir)
     int8_targets = tuple(dict.fromkeys(resolve_int8_target(t) for t in int8_targets))
@@ -217,7 +218,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
 
     def calibration():
         if not calibration_cache:
-            from lrformer_edge.quant.calibration import build_calibration_set
+            from lrformer_edge.data.calibration import build_calibration_set
 
             log(f"building a {calibration_images}-image calibration set from {calibration_source}")
             calibration_cache.append(build_calibration_set(calibration_source, data, input_size,
@@ -291,7 +292,7 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
 def _without_unhonoured_hints(measured, runners):
     """Drop (and mark skipped) the rows whose runner computes in another precision than asked:
     OpenVINO runs the bf16 hint in f32 on CPUs without native bf16."""
-    from lrformer_edge.runners.base import unhonoured_hint
+    from lrformer_edge.artifacts.runner import unhonoured_hint
 
     kept = []
     for (row, candidate), runner in zip(measured, runners):
@@ -318,52 +319,7 @@ def cpu_notes() -> list[str]:
     return [f"This CPU: {note}."] if note else []
 
 
-@dataclass
-class LayerProfile:
-    """Mean per-node times over repeated inferences, and their sums by (type, kernel)."""
-
-    total_ms: float
-    wall_ms: float
-    nodes: list  # (ms, node, node_type, kernel), slowest first
-    kinds: list  # (ms, count, node_type, kernel), slowest first
-
-    def as_dict(self) -> dict:
-        return {"total_ms": self.total_ms, "median_wall_ms": self.wall_ms,
-                "by_kind": [dict(zip(("ms", "count", "node_type", "kernel"), k)) for k in self.kinds],
-                "nodes": [dict(zip(("ms", "node", "node_type", "kernel"), n)) for n in self.nodes]}
 
 
-def profile_layers(runner, feed: dict, repeats: int = 20, warmup: int = 3) -> LayerProfile:
-    """Run an active ``OpenVINORunner(..., profile=True)`` and average its per-node times."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be positive, got {repeats}")
-    for _ in range(warmup):
-        runner.infer(feed)
-    per_node: dict = {}
-    walls = []
-    for _ in range(repeats):
-        runner.infer(feed)
-        walls.append(runner.last_inference_time * 1e3)
-        for layer in runner.layer_times():
-            key = (layer.node, layer.node_type, layer.kernel)
-            per_node[key] = per_node.get(key, 0.0) + layer.ms / repeats
-    kinds: dict = {}
-    for (_, node_type, kernel), ms in per_node.items():
-        total, count = kinds.get((node_type, kernel), (0.0, 0))
-        kinds[(node_type, kernel)] = (total + ms, count + 1)
-    nodes = sorted(((ms, *key) for key, ms in per_node.items()), reverse=True)
-    by_kind = sorted(((ms, count, *key) for key, (ms, count) in kinds.items()), reverse=True)
-    return LayerProfile(sum(per_node.values()), statistics.median(walls), nodes, by_kind)
 
 
-def profile_table(profile: LayerProfile, top: int = 15) -> str:
-    """Markdown: time by node type and kernel, then the ``top`` slowest nodes."""
-    total = profile.total_ms or 1.0
-    lines = [f"median wall time {profile.wall_ms:.2f} ms; sum of node times {profile.total_ms:.2f} ms",
-             "", "| ms | % | nodes | type | kernel |", "|---|---|---|---|---|"]
-    lines += [f"| {ms:.2f} | {100 * ms / total:.1f} | {count} | {node_type} | {kernel} |"
-              for ms, count, node_type, kernel in profile.kinds if ms > 0]
-    lines += ["", f"| ms | % | slowest {top} nodes | type | kernel |", "|---|---|---|---|---|"]
-    lines += [f"| {ms:.2f} | {100 * ms / total:.1f} | `{node}` | {node_type} | {kernel} |"
-              for ms, node, node_type, kernel in profile.nodes[:top]]
-    return "\n".join(lines) + "\n"

@@ -5,6 +5,14 @@ import argparse
 import os
 import sys
 
+from lrformer_edge.artifacts.staging import check_output_folder, check_replaceable_folder
+from lrformer_edge.data.calibration import (
+    DEFAULT_CALIBRATION_IMAGES,
+    PROCEDURAL,
+    build_calibration_set,
+)
+from lrformer_edge.files import check_output_file
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--variant, --checkpoint and --input-size, as every exporter takes them."""
@@ -26,12 +34,10 @@ def check_output_argument(path: str | os.PathLike | None, flag: str, kind: str =
     ``kind``: "file" (written or overwritten), "folder" (files are written into it: reports,
     work folders) or "artifact-folder" (replaced whole by an export: only when empty or a
     previous artifact of ours)."""
-    from lrformer_edge import files
-
     if path is None:
         return
-    check = {"file": files.check_output_file, "folder": files.check_output_folder,
-             "artifact-folder": files.check_replaceable_folder}[kind]
+    check = {"file": check_output_file, "folder": check_output_folder,
+             "artifact-folder": check_replaceable_folder}[kind]
     try:
         check(path, flag)
     except ValueError as error:
@@ -51,3 +57,39 @@ def add_int8_target_argument(parser: argparse.ArgumentParser, several: bool = Fa
              f"{DEFAULT_INT8_TARGET}: every x86 CPU, 7-bit weights so that CPUs without VNNI "
              f"cannot saturate their 16-bit int8 sums); vnni / amx: full 8-bit weights for CPUs "
              f"with VNNI or AMX only; avx2 / avx512 (no VNNI): as portable; auto: this CPU")
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, default_source: str | None = None,
+                              what: str = "int8") -> None:
+    """--calib-data, --calib-images and --seed, the same for every command that calibrates.
+
+    The default source is the command's own dataset where it has one (``default_source``
+    names its flag, e.g. "--data"), else the procedural scenes."""
+    source = f"the images of {default_source}" if default_source else f"'{PROCEDURAL}'"
+    parser.add_argument("--calib-data", metavar="SOURCE",
+                        help=f"{what}: calibration images: dataset root, image folder, video or "
+                             f"'{PROCEDURAL}' (default {source})")
+    parser.add_argument("--calib-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                        metavar="N",
+                        help=f"{what}: calibration images (default {DEFAULT_CALIBRATION_IMAGES})")
+    parser.add_argument("--seed", type=int, default=0, help=f"{what}: calibration sampling seed")
+
+
+def check_calibration_arguments(parser: argparse.ArgumentParser, args) -> None:
+    if args.calib_images < 1:
+        parser.error(f"--calib-images must be positive, got {args.calib_images}")
+
+
+def calibration_source(args, dataset: str | None = None) -> str:
+    """The one meaning of the default: the command's dataset, else the procedural scenes."""
+    return args.calib_data or dataset or PROCEDURAL
+
+
+def calibration_from_args(args, data_config, input_size, dataset: str | None = None, log=print):
+    """The calibration set the arguments ask for, described in one line."""
+    source = calibration_source(args, dataset)
+    calibration = build_calibration_set(source, data_config, input_size, args.calib_images,
+                                        args.seed)
+    log(f"calibration set: {len(calibration.batches)} images from {source}, "
+        f"sha256 {calibration.sha256[:16]}...")
+    return calibration

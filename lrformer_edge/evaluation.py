@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
+from lrformer_edge.backends.coreml.export import proxy_model
 from lrformer_edge.data.datasets import IGNORE_INDEX, Sample
 from lrformer_edge.data.procedural import generate_scene
 from lrformer_edge.data.splits import TEST_SEED_START
@@ -84,3 +86,24 @@ def describe_against_ground_truth(result: dict, name: str) -> str:
             f"{100 * result['mIoU']:.2f} vs {100 * result['reference_mIoU']:.2f} FP32 PyTorch "
             f"({result['mIoU_delta_points']:+.2f} points), pixel agreement "
             f"{100 * result['pixel_agreement']:.2f}%, median {result['median_ms']:.0f} ms")
+
+
+def proxy_accuracy(model, package: str | Path, images: int = 20, calibration=None) -> dict:
+    """mIoU of the PyTorch proxy of ``package`` and of the FP32 ``model`` on ``images`` held-out
+    procedural scenes, with their pixel agreement (``evaluation.against_ground_truth``)."""
+    from lrformer_edge.evaluation import (
+        against_ground_truth,
+        procedural_validation_samples,
+    )
+    from lrformer_edge.pipeline import SegmentationPipeline
+
+    proxy = proxy_model(model, package, calibration=calibration)
+    size = proxy.package_input_size
+    samples = procedural_validation_samples(images)
+    result = against_ground_truth(model, SegmentationPipeline.from_model(proxy, size), samples,
+                                  size)
+    return {"images": result["images"], "fp32_mIoU": result["reference_mIoU"],
+            "proxy_mIoU": result["mIoU"], "pixel_agreement": result["pixel_agreement"],
+            "weights_read_back": proxy.package_weights_loaded}
+
+

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrformer_edge.data.postprocess import labels_at_size, logits_to_labels, overlay
-from lrformer_edge.data.preprocess import preprocess
+from lrformer_edge.artifacts.runner import Runner
+from lrformer_edge.postprocess import labels_at_size, logits_to_labels, overlay
+from lrformer_edge.preprocess import preprocess
 from lrformer_edge.registry import DataConfig
-from lrformer_edge.runners.base import Runner
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SegmentationPipeline:
 
     @classmethod
     def from_model(cls, model, input_size=None, device=None) -> "SegmentationPipeline":
-        from lrformer_edge.runners.torch import TorchRunner
+        from lrformer_edge.backends.pytorch.runner import TorchRunner
 
         return cls(TorchRunner(model, input_size=input_size, device=device), model.config.data,
                    input_size)
@@ -49,8 +49,8 @@ class SegmentationPipeline:
     @classmethod
     def from_artifact(cls, path, **runner_options) -> "SegmentationPipeline":
         """A pipeline over an exported artifact, configured from the metadata it embeds."""
-        from lrformer_edge.export.metadata import data_config_from_metadata
-        from lrformer_edge.runners import load_runner
+        from lrformer_edge.artifacts.metadata import data_config_from_metadata
+        from lrformer_edge.backends import load_runner
 
         runner = load_runner(path, **runner_options)
         return cls(runner, data_config_from_metadata(runner.metadata))
@@ -92,7 +92,7 @@ class SegmentationPipeline:
         return self.predict(image).labels
 
     def overlay(self, image, labels: np.ndarray, opacity: float = 0.5) -> np.ndarray:
-        from lrformer_edge.data.preprocess import as_rgb_uint8
+        from lrformer_edge.preprocess import as_rgb_uint8
 
         return overlay(as_rgb_uint8(image), labels, self.data.palette, opacity)
 

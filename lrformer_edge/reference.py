@@ -14,7 +14,10 @@ import numpy as np
 import torch
 
 from lrformer_edge.models.checkpoint import load_into
-from lrformer_edge.models.reference_weights import reference_state_dict, weights_fingerprint
+from lrformer_edge.models.reference_weights import (
+    reference_state_dict,
+    weights_fingerprint,
+)
 
 # A checkout keeps ``shared/`` beside the repository; LRFORMER_EDGE_REFERENCE overrides it.
 DEFAULT_REFERENCE_DIR = Path(os.environ.get(

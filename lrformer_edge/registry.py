@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lrformer_edge.data.procedural import PROCEDURAL_CLASSES, PROCEDURAL_PALETTE
 from lrformer_edge.data.classes import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
@@ -17,6 +16,7 @@ from lrformer_edge.data.classes import (
     COCO_STUFF_CLASSES,
     distinct_palette,
 )
+from lrformer_edge.data.procedural import PROCEDURAL_CLASSES, PROCEDURAL_PALETTE
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)

@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrformer_edge.data.datasets import IGNORE_INDEX, SegmentationDataset, open_dataset
-from lrformer_edge.data.preprocess import normalize, rescale_size
-from lrformer_edge.models.checkpoint import load_into, read_state_dict, save_mmseg_checkpoint
+from lrformer_edge.models.checkpoint import (
+    load_into,
+    read_state_dict,
+    save_mmseg_checkpoint,
+)
+from lrformer_edge.preprocess import normalize, rescale_size
 
 
 @dataclass
@@ -198,9 +202,9 @@ def lr_factor(iteration: int, total: int, warmup: int, start_factor: float) -> f
 def evaluate(model: nn.Module, dataset: SegmentationDataset, data_config, device,
              max_images: int | None = None, info: DistInfo | None = None) -> dict:
     """Whole-image mIoU through the deploy pipeline's path; shards over processes when DDP."""
+    from lrformer_edge.backends.pytorch.runner import TorchRunner
     from lrformer_edge.evaluation import confusion_of
     from lrformer_edge.pipeline import SegmentationPipeline
-    from lrformer_edge.runners.torch import TorchRunner
 
     info = info or DistInfo()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))

@@ -13,15 +13,15 @@ import cv2
 import numpy as np
 import pytest
 
-from lrformer_edge.data.postprocess import colorize
+from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.data.procedural import write_procedural_video
-from lrformer_edge.export.onnx import export_onnx
 from lrformer_edge.live.annotate import PANEL_WIDTH
 from lrformer_edge.live.demo import DemoOptions, run_demo
 from lrformer_edge.live.mjpeg import MjpegServer
 from lrformer_edge.live.sources import FrameSource, SourceError
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.postprocess import colorize
 from lrformer_edge.registry import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_cli_variant_reaches_a_checkpoint_that_does_not_record_one(tmp_path):
 
 
 def test_load_runner_rejects_a_variant_an_exported_artifact_contradicts(tmp_path):
-    from lrformer_edge.runners import load_runner
+    from lrformer_edge.backends import load_runner
 
     path = tmp_path / "tiny.onnx"
     export_onnx(create_model("lrformer-test"), path, (64, 64))

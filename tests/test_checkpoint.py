@@ -115,8 +115,8 @@ def test_missing_file(tmp_path):
 
 
 def test_load_runner_reads_the_variant_our_checkpoints_record(tmp_path, trained_state):
-    from lrformer_edge.runners import load_runner
-    from lrformer_edge.runners.torch import TorchRunner
+    from lrformer_edge.backends import load_runner
+    from lrformer_edge.backends.pytorch.runner import TorchRunner
 
     save_mmseg_checkpoint(trained_state, tmp_path / "ours.pth", meta={"variant": "lrformer-test"})
     runner = load_runner(tmp_path / "ours.pth")

@@ -216,7 +216,7 @@ def test_benchmark_checks_calibration_images_before_exporting(tmp_path):
 
 
 def test_a_small_calibration_folder_is_used_with_a_warning(tmp_path, caplog):
-    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.data.calibration import build_calibration_set
 
     for i in range(2):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((40, 40, 3), 50 * i, np.uint8))

@@ -14,22 +14,21 @@ pytest.importorskip("coremltools", reason="Core ML export needs the 'coreml' ext
                                           "pip install -e '.[coreml]'")
 
 import lrformer_edge  # noqa: E402
-from lrformer_edge.data.postprocess import labels_at_size  # noqa: E402
-from lrformer_edge.export.coreml import (  # noqa: E402
+from lrformer_edge.artifacts.result import ArtifactCheckError
+from lrformer_edge.backends import load_runner
+from lrformer_edge.backends.coreml.export import (
     PREVIEW_PARAMS_KEY,
     PREVIEW_TYPE_KEY,
     CoreMLOptions,
-    compare_weights,
     export_coreml,
-    inspect_package,
-    proxy_accuracy,
 )
-from lrformer_edge.export.onnx import ArtifactCheckError  # noqa: E402
+from lrformer_edge.backends.coreml.inspect import compare_weights, inspect_package
+from lrformer_edge.backends.coreml.runner import CoreMLRunner, CoreMLUnavailable
+from lrformer_edge.data.calibration import build_calibration_set
+from lrformer_edge.evaluation import proxy_accuracy
 from lrformer_edge.models.deploy import to_deploy  # noqa: E402
-from lrformer_edge.quant.calibration import build_calibration_set  # noqa: E402
+from lrformer_edge.postprocess import labels_at_size
 from lrformer_edge.registry import BUNDLED_MODEL  # noqa: E402
-from lrformer_edge.runners import load_runner  # noqa: E402
-from lrformer_edge.runners.coreml import CoreMLRunner, CoreMLUnavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (128, 128)
@@ -94,7 +93,7 @@ def test_fp16_weights_read_back_match_pytorch(fp16_package):
 
 
 def test_weight_check_names_a_changed_tensor(fp16_package, tiny):
-    from lrformer_edge.export.coreml import _adapter
+    from lrformer_edge.backends.coreml.export import _adapter
 
     changed = to_deploy(tiny, SIZE).eval()
     name = "backbone.block2.0.attn.q.0.weight"
@@ -164,7 +163,7 @@ def test_invalid_options_say_what_is_allowed(options, message):
 def test_bad_output_path_and_failed_check_write_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"\.mlpackage folder"):
         export_coreml(tiny, tmp_path / "model.onnx", SIZE)
-    import lrformer_edge.export.coreml as coreml
+    import lrformer_edge.backends.coreml.export as coreml
 
     monkeypatch.setattr(coreml, "check_package", lambda *a: ["weights differ"])
     with pytest.raises(ArtifactCheckError, match="weights differ"):

@@ -90,14 +90,14 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def calibration(tiny):
-    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.data.calibration import build_calibration_set
 
     return build_calibration_set("procedural", tiny.config.data, SIZE, 16, seed=0)
 
 
 @pytest.fixture(scope="module")
 def int8_irs(tiny, calibration, tmp_path_factory):
-    from lrformer_edge.export.openvino import export_openvino
+    from lrformer_edge.backends.openvino.export import export_openvino
 
     root = tmp_path_factory.mktemp("isa")
     return {target: export_openvino(tiny, root / target, SIZE, "int8", calibration=calibration,
@@ -125,7 +125,7 @@ import json, sys, warnings
 import numpy as np, torch
 from lrformer_edge.cpu import host_cpu
 from lrformer_edge.metrics import compare_logits
-from lrformer_edge.runners.openvino import OpenVINORunner
+from lrformer_edge.backends.openvino.runner import OpenVINORunner
 batches = np.load(sys.argv[1])
 reference = np.load(sys.argv[2])
 out = {"cpu": host_cpu().as_dict(), "irs": {}}
@@ -200,7 +200,7 @@ def test_to_openvino_cli_takes_the_target_isa(tmp_path):
     assert done.returncode == 0, done.stderr
     target = resolve_int8_target("auto")
     assert f"INT8 target CPUs: {target}" in done.stdout
-    from lrformer_edge.runners.openvino import OpenVINORunner
+    from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
     assert OpenVINORunner(tmp_path / "ir").metadata["quantization"]["target_cpu_isa"] == target
     wrong = subprocess.run(base + ["--cpu-isa", "vnni", "--output", str(tmp_path / "fp32")],
@@ -217,9 +217,9 @@ def test_onnx_runtime_runs_the_tensorrt_qdq_onnx_without_saturation(tiny, calibr
     CPU instead of the artifact."""
     import numpy as np
 
-    from lrformer_edge.export.tensorrt import export_tensorrt_onnx
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+    from lrformer_edge.backends.tensorrt.export import export_tensorrt_onnx
     from lrformer_edge.metrics import compare_logits
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
     path = export_tensorrt_onnx(tiny, tmp_path / "qdq.onnx", SIZE, "int8", calibration).path
     batches = calibration.batches[:6]
@@ -233,7 +233,7 @@ def test_onnx_runtime_runs_the_tensorrt_qdq_onnx_without_saturation(tiny, calibr
 
 
 def test_a_precision_hint_the_cpu_did_not_honour_is_said():
-    from lrformer_edge.runners.base import unhonoured_hint
+    from lrformer_edge.artifacts.runner import unhonoured_hint
     from lrformer_edge.validation.harness import cpu_notes
 
     fallback = {"requested_precision": "bf16", "inference_precision": "f32"}

@@ -16,8 +16,8 @@ from lrformer_edge.data.datasets import (
     open_dataset,
 )
 from lrformer_edge.data.procedural import (
-    C,
     PROCEDURAL_CLASSES,
+    C,
     generate_scene,
     write_ade20k_layout,
     write_cityscapes_layout,

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import lrformer_edge
-from lrformer_edge.export.onnx import ParityError, ParityThresholds, export_onnx, read_onnx_metadata
+from lrformer_edge.artifacts.parity import ParityError, ParityThresholds
+from lrformer_edge.backends import load_runner
+from lrformer_edge.backends.onnxruntime.export import export_onnx
+from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
+from lrformer_edge.backends.tensorrt.ops import tensorrt_supported_ops, unsupported_ops
 from lrformer_edge.metrics import decisive_argmax_agreement
-from lrformer_edge.export.trt_ops import tensorrt_supported_ops, unsupported_ops
 from lrformer_edge.models.deploy import adaptive_pool_matrix, to_deploy
 from lrformer_edge.models.reference_weights import manifest_of, reference_state_dict
 from lrformer_edge.pipeline import SegmentationPipeline
-from lrformer_edge.runners import load_runner
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(512, 512), (512, 1024), (384, 640), (736, 1280), (1024, 2048)]

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrformer_edge.export.onnx import ParityError, ParityThresholds, export_onnx
+from lrformer_edge.artifacts.parity import ParityError, ParityThresholds
+from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.metrics import compare_logits
 from lrformer_edge.validation.gate import NONFINITE, check, load_thresholds
 from lrformer_edge.validation.harness import BackendResult

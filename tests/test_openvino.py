@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 import lrformer_edge
-from lrformer_edge.export.onnx import ParityError, ParityThresholds
+from lrformer_edge.artifacts.parity import ParityError, ParityThresholds
+from lrformer_edge.backends import load_runner
 from lrformer_edge.models.deploy import to_deploy
 from lrformer_edge.models.reference_weights import manifest_of, reference_state_dict
 from lrformer_edge.pipeline import SegmentationPipeline
-from lrformer_edge.runners import load_runner
 
 pytest.importorskip("openvino", reason="needs the openvino extra: pip install 'lrformer-edge[openvino]'")
 
-from lrformer_edge.export.openvino import export_openvino  # noqa: E402
-from lrformer_edge.runners.openvino import OpenVINORunner  # noqa: E402
+from lrformer_edge.backends.openvino.export import export_openvino
+from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,8 +101,8 @@ def test_to_openvino_cli(tmp_path):
 def test_int8_from_an_image_folder_records_its_calibration(tiny, tmp_path):
     import cv2
 
+    from lrformer_edge.data.calibration import build_calibration_set
     from lrformer_edge.data.procedural import generate_scene
-    from lrformer_edge.quant.calibration import build_calibration_set
 
     (tmp_path / "frames").mkdir()
     for seed in range(6):
@@ -128,7 +128,7 @@ def test_int8_from_an_image_folder_records_its_calibration(tiny, tmp_path):
 def _pooling_matmuls_of(tiny, tmp_path):
     import openvino as ov
 
-    from lrformer_edge.quant.ptq import pooling_matmuls
+    from lrformer_edge.backends.openvino.ptq import pooling_matmuls
 
     fp32 = export_openvino(tiny, tmp_path / "fp32-pools", (64, 96), "fp32")
     return pooling_matmuls(ov.Core().read_model(str(fp32.path)))
@@ -139,7 +139,7 @@ def _assert_pooling_stays_float(xml_path, fp32_pools: int) -> None:
     left them alone (an int8 MatMul with weights on the left does not compile on the CPU)."""
     import openvino as ov
 
-    from lrformer_edge.quant.ptq import pooling_matmuls
+    from lrformer_edge.backends.openvino.ptq import pooling_matmuls
 
     model = ov.Core().read_model(str(xml_path))
     names = set(pooling_matmuls(model))
@@ -150,8 +150,9 @@ def _assert_pooling_stays_float(xml_path, fp32_pools: int) -> None:
 
 
 def test_a_runner_that_cannot_compile_says_so(fp32_ir, tiny):
-    from lrformer_edge.export.onnx import ArtifactCheckError, check_parity
-    from lrformer_edge.runners.base import RunnerStateError
+    from lrformer_edge.artifacts.parity import check_parity
+    from lrformer_edge.artifacts.result import ArtifactCheckError
+    from lrformer_edge.artifacts.runner import RunnerStateError
 
     runner = OpenVINORunner(fp32_ir.path, device="NO_SUCH_DEVICE")
     with pytest.raises(RunnerStateError, match=f"OpenVINO cannot compile {fp32_ir.path.name} "
@@ -174,8 +175,8 @@ def test_int8_with_accuracy_control(tiny, tmp_path, monkeypatch):
     """The accuracy-control path scores both models with our FP32-agreement mIoU. The bound is
     one the untrained tiny model meets at once: with a tight bound NNCF reverts layers one by
     one, which takes many minutes on this random model."""
-    from lrformer_edge.quant import ptq
-    from lrformer_edge.quant.calibration import build_calibration_set
+    from lrformer_edge.backends.openvino import ptq
+    from lrformer_edge.data.calibration import build_calibration_set
 
     scores = []
     original = ptq._miou_against_reference
@@ -190,7 +191,12 @@ def test_int8_with_accuracy_control(tiny, tmp_path, monkeypatch):
 
 
 def test_benchmark_runs_every_available_backend(tiny, tmp_path):
-    from lrformer_edge.benchmark import benchmark_title, cpu_notes, markdown_table, run_benchmark
+    from lrformer_edge.benchmark import (
+        benchmark_title,
+        cpu_notes,
+        markdown_table,
+        run_benchmark,
+    )
     from lrformer_edge.cpu import host_cpu
 
     rows = run_benchmark(tiny, (64, 64), tmp_path, eval_images=2, iterations=3, warmup=1,
@@ -218,8 +224,8 @@ def test_benchmark_runs_every_available_backend(tiny, tmp_path):
 
 
 def test_layer_profile_of_an_ir(fp32_ir, tmp_path):
-    from lrformer_edge.benchmark import profile_layers, profile_table
-    from lrformer_edge.runners.base import RunnerStateError
+    from lrformer_edge.artifacts.runner import RunnerStateError
+    from lrformer_edge.backends.openvino.profile import profile_layers, profile_table
 
     feed = {"input": np.random.default_rng(0).random((1, 3, 64, 96), np.float32)}
     with OpenVINORunner(fp32_ir.path) as plain:

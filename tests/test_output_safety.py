@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from lrformer_edge import files
-from lrformer_edge.files import (
+from lrformer_edge.artifacts import staging as files
+from lrformer_edge.artifacts.staging import (
     ARTIFACT_MARKER,
-    atomic_write,
-    check_output_file,
     check_output_folder,
     check_replaceable_folder,
     foreign_files,
     staged_directory,
 )
+from lrformer_edge.files import atomic_write, check_output_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("--variant", "lrformer-test", "--input-size", "64", "64")

@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from lrformer_edge.data.postprocess import colorize, logits_to_labels, overlay, resize_logits
-from lrformer_edge.data.preprocess import (
+from lrformer_edge.backends import RunnerInputError, RunnerStateError
+from lrformer_edge.backends.pytorch.runner import TorchRunner
+from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.postprocess import colorize, logits_to_labels, overlay, resize_logits
+from lrformer_edge.preprocess import (
     ImageInputError,
     align_size,
     as_rgb_uint8,
+    network_input_size,
     preprocess,
     rescale_size,
-    network_input_size,
 )
-from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.registry import ADE20K
-from lrformer_edge.runners import RunnerInputError, RunnerStateError
-from lrformer_edge.runners.torch import TorchRunner
 
 
 @pytest.mark.parametrize("size, expected", [

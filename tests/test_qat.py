@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import lrformer_edge
+from lrformer_edge.backends.tensorrt.export import tensorrt_problems
+from lrformer_edge.data.calibration import build_calibration_set, stratified_choice
 from lrformer_edge.data.procedural import write_ade20k_layout
-from lrformer_edge.export.tensorrt import tensorrt_problems
-from lrformer_edge.quant.calibration import build_calibration_set, stratified_choice
 
 pytest.importorskip("nncf")
 
@@ -104,7 +104,7 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
 
     ops = {op.get_type_name() for op in ov.Core().read_model(str(ir.path)).get_ops()}
     assert "FakeQuantize" in ops
-    from lrformer_edge.quant.ptq import pooling_matmuls
+    from lrformer_edge.backends.openvino.ptq import pooling_matmuls
 
     assert pooling_matmuls(ov.Core().read_model(str(ir.path)))  # pooling stays float in QAT too
 

@@ -12,20 +12,26 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrformer_edge
-from lrformer_edge.export.onnx import MAX_OPSET
-from lrformer_edge.export.tensorrt import (
+from lrformer_edge.backends import MissingDependencyError, load_runner
+from lrformer_edge.backends.onnxruntime.export import MAX_OPSET
+from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+from lrformer_edge.backends.tensorrt.engine import (
     EngineOptions,
     build_engine,
-    export_tensorrt_onnx,
-    read_sidecar,
-    tensorrt_problems,
     tensorrt_unavailable_reason,
 )
-from lrformer_edge.quant.calibration import build_calibration_set
-from lrformer_edge.quant.qdq import pooling_matmuls, qdq_problems, to_signed_int8
-from lrformer_edge.runners import MissingDependencyError, load_runner
+from lrformer_edge.backends.tensorrt.export import (
+    export_tensorrt_onnx,
+    tensorrt_problems,
+)
+from lrformer_edge.backends.tensorrt.qdq import (
+    pooling_matmuls,
+    qdq_problems,
+    to_signed_int8,
+)
+from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
+from lrformer_edge.data.calibration import build_calibration_set
 from lrformer_edge.registry import BUNDLED_MODEL
-from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (128, 128)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrformer_edge.export.onnx import export_onnx
+from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.registry import BUNDLED_MODEL
 from lrformer_edge.validation import ValidationConfig, run_validation
@@ -34,7 +34,7 @@ def artifacts(tmp_path_factory):
     good_onnx = export_onnx(model, folder / "good.onnx", SIZE).path
     paths = {"onnx": good_onnx}
     try:
-        from lrformer_edge.export.openvino import export_openvino
+        from lrformer_edge.backends.openvino.export import export_openvino
 
         paths["openvino"] = export_openvino(model, folder / "good-ir", SIZE, "fp32").path.parent
     except ImportError:
@@ -129,7 +129,7 @@ def test_unrunnable_artifacts_are_listed_as_skipped_with_the_reason(artifacts, t
     outcome = run_validation(ValidationConfig([artifacts["onnx"], engine],
                                               tmp_path / "r", images=2, log=lambda *_: None))
     rows = {Path(r.artifact).name: r for r in outcome.run.results[1:]}
-    from lrformer_edge.export.tensorrt import tensorrt_unavailable_reason
+    from lrformer_edge.backends.tensorrt.engine import tensorrt_unavailable_reason
 
     if tensorrt_unavailable_reason() is not None:
         assert rows["model.engine"].status == "skipped"

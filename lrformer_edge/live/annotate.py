@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lrformer_edge.data.postprocess import overlay
+from lrformer_edge.postprocess import overlay
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 LINE_HEIGHT = 16

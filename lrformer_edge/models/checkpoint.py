@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lrformer_edge.files import atomic_write, default_file_mode, file_sha256  # noqa: F401
+from lrformer_edge.files import atomic_write
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 _SHOW = 8

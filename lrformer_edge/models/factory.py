@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 from lrformer_edge import registry
+from lrformer_edge.files import file_sha256
 from lrformer_edge.models.checkpoint import (
     CheckpointError,
-    file_sha256,
     load_into,
     num_classes_in,
     read_state_dict,

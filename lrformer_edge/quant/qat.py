@@ -4,7 +4,7 @@
    starting point); ``target="tensorrt"`` or ``"all"`` uses the quantizer rules TensorRT takes
    (symmetric int8, per-channel weights, per-tensor activations), which OpenVINO runs as well;
    ``"openvino"`` keeps NNCF's CPU defaults. ``cpu_isa`` (default portable) sets the weight range
-   as for PTQ (``lrformer_edge.quant.ptq.overflow_fix``): 7-bit weights unless the OpenVINO
+   as for PTQ (``lrformer_edge.backends.nncf_support.overflow_fix``): 7-bit weights unless the OpenVINO
    model is made for VNNI/AMX CPUs only; ``target="tensorrt"`` alone keeps full 8-bit weights
    (GPUs accumulate int8 in 32 bits).
 2. Fine-tuning: the KL divergence to the FP32 teacher's softened logits (temperature ``T``,
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrformer_edge.artifacts.optional import require
 from lrformer_edge.cpu import int8_mismatch
 from lrformer_edge.data.datasets import IGNORE_INDEX
-from lrformer_edge.runners.base import require
 
 QAT_TARGETS = ("openvino", "tensorrt", "all")
 # /2: the deploy form keeps NCHW maps and its pooling MatMuls stay float, so quantizers sit at
@@ -89,7 +89,7 @@ def weight_target_isa(target: str, cpu_isa: str | None) -> str:
 
 def quantizer_parameters(target: str, cpu_isa: str | None = None) -> dict:
     """Keyword arguments of ``nncf.quantize`` for ``target`` (the PTQ that initialises QAT)."""
-    from lrformer_edge.quant.ptq import overflow_fix
+    from lrformer_edge.backends.nncf_support import overflow_fix
 
     nncf = _nncf()
     if target not in QAT_TARGETS:
@@ -197,9 +197,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
 
 def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> dict:
     """mIoU through the common pipeline at the model's fixed input size (sharded under DDP)."""
+    from lrformer_edge.backends.pytorch.runner import TorchRunner
     from lrformer_edge.evaluation import confusion_of
     from lrformer_edge.pipeline import SegmentationPipeline
-    from lrformer_edge.runners.torch import TorchRunner
     from lrformer_edge.training import DistInfo, summed_over_processes
 
     info = info or DistInfo()
@@ -214,10 +214,10 @@ def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> d
 
 def train_qat(config: QATConfig, log=print) -> dict:
     """Run QAT as ``config`` says; returns the summary (also written to WORK_DIR/summary.json)."""
+    from lrformer_edge.data.calibration import build_calibration_set
     from lrformer_edge.data.datasets import open_dataset
     from lrformer_edge.models.deploy import check_input_size, to_deploy
     from lrformer_edge.models.factory import create_model
-    from lrformer_edge.quant.calibration import build_calibration_set
     from lrformer_edge.training import (
         AugmentedSegmentation,
         finish_run,
@@ -381,7 +381,7 @@ def _with_qdq_export(quantized):
 
 def _check_against_fake_quant(quantized, runner, feed, name: str):
     """The exported artifact must reproduce the torch fake-quant model it came from."""
-    from lrformer_edge.export.onnx import ParityThresholds, check_parity
+    from lrformer_edge.artifacts.parity import ParityThresholds, check_parity
 
     # Same int8 model, another runtime: only rounding at quantizer boundaries differs (measured:
     # logits cosine 0.9986-0.9996, argmax agreement 99.7-99.8% for a Q/DQ ONNX in ONNX Runtime).
@@ -395,11 +395,13 @@ def export_qat_openvino(quantized, payload: dict, output_dir, feed):
     """OpenVINO INT8 IR of a QAT model, checked against the fake-quant model, then renamed in."""
     import warnings
 
-    from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
-    from lrformer_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, ExportResult
-    from lrformer_edge.export.openvino import compiles_under_every_hint
-    from lrformer_edge.files import staged_directory
-    from lrformer_edge.runners.openvino import OpenVINORunner, write_rt_metadata
+    from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
+    from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
+    from lrformer_edge.artifacts.result import ExportResult
+    from lrformer_edge.artifacts.staging import staged_directory
+    from lrformer_edge.backends.openvino.export import compiles_under_every_hint
+    from lrformer_edge.backends.openvino.ir import write_rt_metadata
+    from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
     ov = require("openvino", "openvino", "OpenVINO export")
     start = time.time()
@@ -437,18 +439,18 @@ def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
 
     import onnx
 
-    from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
-    from lrformer_edge.export.onnx import (
-        INPUT_NAME,
-        MIN_OPSET,
-        OUTPUT_NAME,
-        ExportResult,
-        op_histogram,
+    from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
+    from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
+    from lrformer_edge.artifacts.result import ExportResult
+    from lrformer_edge.backends.onnxruntime.export import MIN_OPSET
+    from lrformer_edge.backends.onnxruntime.format import op_histogram
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+    from lrformer_edge.backends.tensorrt.export import (
+        fold_constants,
+        require_tensorrt_form,
     )
-    from lrformer_edge.export.tensorrt import fold_constants, require_tensorrt_form
+    from lrformer_edge.backends.tensorrt.qdq import qdq_summary, to_signed_int8
     from lrformer_edge.files import atomic_write
-    from lrformer_edge.quant.qdq import qdq_summary, to_signed_int8
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
     start = time.time()
     output = Path(output)
@@ -480,7 +482,7 @@ def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
 
 
 def _qat_settings(payload: dict) -> dict:
-    from lrformer_edge.quant.ptq import target_isa_settings
+    from lrformer_edge.backends.openvino.ptq import target_isa_settings
 
     config = payload.get("config", {})
     # Checkpoints from before cpu_isa existed used NNCF's default: their target is unrecorded.

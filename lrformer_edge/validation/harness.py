@@ -118,13 +118,13 @@ def artifact_size_mib(path: Path) -> float | None:
 
 def artifact_metadata_of(path: Path) -> dict | None:
     """The metadata an artifact embeds, without running it (None for PyTorch checkpoints)."""
-    from lrformer_edge.runners import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
+    from lrformer_edge.backends import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
 
     if path.suffix in TORCH_SUFFIXES:
         return None
     if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.export.metadata import decode_metadata
-        from lrformer_edge.export.tensorrt import read_sidecar
+        from lrformer_edge.artifacts.metadata import decode_metadata
+        from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
 
         return decode_metadata(read_sidecar(path)["metadata"])
     return load_runner(path).metadata
@@ -133,7 +133,7 @@ def artifact_metadata_of(path: Path) -> dict | None:
 def describe_artifact(path: Path, openvino_precision: str = "f32",
                       emulate_exact_int8: bool = False) -> tuple[str, str, dict]:
     """(backend, precision key for the gate, runner options) read from the artifact."""
-    from lrformer_edge.runners import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
+    from lrformer_edge.backends import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
 
     if path.suffix in TORCH_SUFFIXES:
         return "pytorch", "fp32", {}
@@ -143,7 +143,7 @@ def describe_artifact(path: Path, openvino_precision: str = "f32",
                                               options.get("weights", "float"),
                                               bool(options.get("w8a8"))), {}
     if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.export.tensorrt import read_sidecar
+        from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
 
         return "tensorrt", read_sidecar(path).get("precision", "fp32"), {}
     runner = load_runner(path)
@@ -169,11 +169,11 @@ def coreml_precision_key(precision: str, weights: str, w8a8: bool) -> str:
 
 def reportable_precisions() -> dict[str, tuple[str, ...]]:
     """backend -> every precision key ``describe_artifact`` can report (the gate's vocabulary)."""
-    from lrformer_edge.export.coreml import PRECISIONS as COREML_PRECISIONS
-    from lrformer_edge.export.coreml import WEIGHT_MODES
-    from lrformer_edge.export.tensorrt import TRT_PRECISIONS
-    from lrformer_edge.runners.openvino import IR_PRECISIONS
-    from lrformer_edge.runners.openvino import PRECISIONS as OPENVINO_HINTS
+    from lrformer_edge.backends.coreml.export import PRECISIONS as COREML_PRECISIONS
+    from lrformer_edge.backends.coreml.export import WEIGHT_MODES
+    from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
+    from lrformer_edge.backends.openvino.runner import PRECISIONS as OPENVINO_HINTS
+    from lrformer_edge.backends.tensorrt.export import TRT_PRECISIONS
 
     coreml = [coreml_precision_key(p, w, False) for p in COREML_PRECISIONS for w in WEIGHT_MODES]
     coreml += [coreml_precision_key("fp16", w, True) for w in WEIGHT_MODES if w != "palette4"]
@@ -191,7 +191,7 @@ def reportable_precisions() -> dict[str, tuple[str, ...]]:
 def cpu_notes(settings: dict) -> str:
     """What the CPU changed about a run, from its runner's settings: a precision hint it could
     not honour (bf16 without native bf16) or an INT8 model made for other CPUs."""
-    from lrformer_edge.runners.base import unhonoured_hint
+    from lrformer_edge.artifacts.runner import unhonoured_hint
 
     emulated = settings.get("int8_arithmetic") == "emulated exact" and (
         "exact int8 arithmetic emulated (what a VNNI/AMX CPU computes)")
@@ -201,12 +201,12 @@ def cpu_notes(settings: dict) -> str:
 
 def skip_reason(backend: str) -> str | None:
     if backend == "tensorrt":
-        from lrformer_edge.export.tensorrt import tensorrt_unavailable_reason
+        from lrformer_edge.backends.tensorrt.engine import tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason()
         return f"needs TensorRT and an NVIDIA GPU: {reason}" if reason else None
     if backend == "coreml":
-        from lrformer_edge.runners.coreml import coreml_unavailable_reason
+        from lrformer_edge.backends.coreml.runner import coreml_unavailable_reason
 
         return coreml_unavailable_reason()
     return None
@@ -230,8 +230,8 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
                  class_names, openvino_precision: str = "f32",
                  emulate_exact_int8: bool = False) -> tuple[BackendResult, dict]:
     """One artifact against labels and the reference; never raises for the artifact's sake."""
+    from lrformer_edge.backends import load_runner
     from lrformer_edge.pipeline import SegmentationPipeline
-    from lrformer_edge.runners import load_runner
 
     try:
         backend, precision, options = describe_artifact(path, openvino_precision,
@@ -249,7 +249,7 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
     try:
         with _PeakMemory() as memory:
             runner = load_runner(path, **options)
-            from lrformer_edge.export.metadata import data_config_from_metadata
+            from lrformer_edge.artifacts.metadata import data_config_from_metadata
 
             pipeline = SegmentationPipeline(runner, data_config_from_metadata(runner.metadata))
             matrix = ConfusionMatrix(len(class_names), IGNORE_INDEX)

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 
 from lrformer_edge.cpu import host_cpu
-from lrformer_edge.data.postprocess import colorize
 from lrformer_edge.files import atomic_write
+from lrformer_edge.postprocess import colorize
 
 PANEL_WIDTH = 256
 SERIES_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",

@@ -12,28 +12,28 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.cpu import DEFAULT_INT8_TARGET, host_cpu, int8_mismatch, resolve_int8_target
-from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
-from lrformer_edge.export.onnx import (
+from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.artifacts.parity import (
     OUTPUT_NAME,
-    ArtifactCheckError,
-    ExportResult,
     ParityThresholds,
     check_parity,
-    export_onnx,
-    parity_thresholds,
     parity_inputs,
+    parity_thresholds,
 )
-from lrformer_edge.files import staged_directory
+from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
+from lrformer_edge.artifacts.runner import RunnerStateError
+from lrformer_edge.artifacts.staging import staged_directory
+from lrformer_edge.backends.onnxruntime.export import export_onnx
+from lrformer_edge.backends.openvino.ir import IR_PRECISIONS, write_rt_metadata
+from lrformer_edge.backends.openvino.runner import PRECISIONS, OpenVINORunner
+from lrformer_edge.cpu import (
+    DEFAULT_INT8_TARGET,
+    host_cpu,
+    int8_mismatch,
+    resolve_int8_target,
+)
 from lrformer_edge.models.deploy import check_input_size, to_deploy
-from lrformer_edge.runners.base import RunnerStateError, require
-from lrformer_edge.runners.openvino import (
-    IR_PRECISIONS,
-    PRECISIONS,
-    OpenVINORunner,
-    write_rt_metadata,
-)
-
 
 
 def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
@@ -67,7 +67,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         ov_model = ov.convert_model(str(onnx_result.path))
         quantization = {}
         if precision == "int8":
-            from lrformer_edge.quant.ptq import quantize_openvino
+            from lrformer_edge.backends.openvino.ptq import quantize_openvino
 
             ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop,
                                                        target_isa)

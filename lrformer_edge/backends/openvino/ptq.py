@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.backends.nncf_support import FLOAT_POOLING, overflow_fix
 from lrformer_edge.cpu import (
     DEFAULT_INT8_TARGET,
     host_cpu,
@@ -31,10 +33,8 @@ from lrformer_edge.cpu import (
     resolve_int8_target,
 )
 from lrformer_edge.metrics import ConfusionMatrix
-from lrformer_edge.runners.base import require
 
 IGNORED_TYPES = ("Interpolate",)
-FLOAT_POOLING = "adaptive-pooling MatMuls (constant averaging matrix on the left)"
 
 
 def _nncf():
@@ -45,10 +45,6 @@ def _nncf():
     return nncf
 
 
-def overflow_fix(nncf, target_isa: str):
-    """NNCF's overflow handling for an INT8 model made for ``target_isa``."""
-    exact = int8_needs_exact_accumulation(target_isa)
-    return nncf.OverflowFix.DISABLE if exact else nncf.OverflowFix.ENABLE
 
 
 def target_isa_settings(target_isa: str) -> dict:

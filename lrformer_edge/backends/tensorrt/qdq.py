@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrformer_edge.quant.ptq import FLOAT_POOLING
-from lrformer_edge.runners.base import require
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.backends.nncf_support import FLOAT_POOLING
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Kept in float: numerically sensitive (LayerNorm, Softmax) or pure resampling (final resize).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lrformer_edge.runners.base import Runner, TensorSpec, cpu_settings
+from lrformer_edge.artifacts.runner import Runner, TensorSpec, cpu_settings
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -33,7 +33,7 @@ class TorchRunner(Runner):
 
     @property
     def metadata(self) -> dict:
-        from lrformer_edge.export.metadata import artifact_metadata, decode_metadata
+        from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
 
         return decode_metadata(artifact_metadata(self.model, self.input_size or
                                                  self.model.config.data.native_size))

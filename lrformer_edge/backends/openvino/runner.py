@@ -17,13 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.artifacts.runner import (
+    Runner,
+    RunnerStateError,
+    TensorSpec,
+    cpu_settings,
+)
+from lrformer_edge.backends.openvino.ir import check_ir_header, read_rt_metadata
 from lrformer_edge.cpu import int8_mismatch
-from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, cpu_settings, require
 
 PRECISIONS = ("f32", "bf16", "f16")
-IR_PRECISIONS = ("fp32", "fp16", "int8")  # weights of an IR, as its metadata records them
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
-RT_INFO_ROOT = "lrformer_edge"
 _WARNED: set[Path] = set()  # IRs whose CPU mismatch was already said
 
 
@@ -42,18 +47,6 @@ def _openvino():
     return require("openvino", "openvino", "the OpenVINO runner")
 
 
-def _check_ir_header(path: Path) -> None:
-    """Refuse a file that is not IR XML before OpenVINO tries (and logs) every other frontend."""
-    from xml.etree import ElementTree
-
-    try:
-        with open(path, "rb") as handle:
-            _, root = next(ElementTree.iterparse(handle, events=("start",)))
-    except (ElementTree.ParseError, StopIteration) as error:
-        raise ValueError(f"{path} is not an OpenVINO IR: not readable as XML ({error})") from None
-    if root.tag != "net":
-        raise ValueError(f"{path} is not an OpenVINO IR: its root element is <{root.tag}>, "
-                         f"expected <net>")
 
 
 class OpenVINORunner(Runner):
@@ -90,7 +83,7 @@ class OpenVINORunner(Runner):
 
     def _read(self):
         if self._model is None:
-            _check_ir_header(self.path)
+            check_ir_header(self.path)
             try:
                 self._model = _openvino().Core().read_model(str(self.path))
             except RuntimeError as error:  # a damaged file: bad input, not a crash
@@ -212,23 +205,5 @@ class OpenVINORunner(Runner):
         return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
 
 
-def write_rt_metadata(ov_model, metadata: dict[str, str]) -> None:
-    """Store flat string metadata under rt_info/lrformer_edge (visible in the .xml)."""
-    import json
-
-    keys = [key.split(".", 1)[1] for key in metadata]
-    for key, value in metadata.items():
-        ov_model.set_rt_info(value, [RT_INFO_ROOT, key.split(".", 1)[1]])
-    ov_model.set_rt_info(json.dumps(keys), [RT_INFO_ROOT, "keys"])
 
 
-def read_rt_metadata(ov_model) -> dict:
-    import json
-
-    from lrformer_edge.export.metadata import decode_metadata
-
-    if not ov_model.has_rt_info([RT_INFO_ROOT, "keys"]):
-        return {}
-    keys = json.loads(ov_model.get_rt_info([RT_INFO_ROOT, "keys"]).astype(str))
-    return decode_metadata({f"{RT_INFO_ROOT}.{k}": ov_model.get_rt_info([RT_INFO_ROOT, k]).astype(str)
-                            for k in keys})

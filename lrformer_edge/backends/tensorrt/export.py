@@ -16,44 +16,37 @@
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrformer_edge.export.metadata import METADATA_PREFIX, artifact_metadata, decode_metadata
-from lrformer_edge.export.onnx import (
-    ArtifactCheckError,
-    MAX_OPSET,
-    ExportResult,
+from lrformer_edge.artifacts.metadata import (
+    artifact_metadata,
+    decode_metadata,
+)
+from lrformer_edge.artifacts.parity import (
     ParityThresholds,
     check_parity,
-    export_onnx,
-    op_histogram,
     parity_inputs,
     parity_thresholds,
-    read_onnx_metadata,
 )
-from lrformer_edge.files import atomic_write, check_output_file, file_sha256
+from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
+from lrformer_edge.backends.onnxruntime.export import MAX_OPSET, export_onnx
+from lrformer_edge.backends.onnxruntime.format import op_histogram, read_onnx_metadata
+from lrformer_edge.files import atomic_write, check_output_file
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 FP16_FLOAT_OPS = ("LayerNormalization", "Softmax", "Resize")
-SIDECAR_SUFFIX = ".json"
 
 
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or an NVIDIA GPU is missing on this machine (the ONNX is still written)."""
 
 
-class TimingCacheMismatch(ValueError):
-    """A timing cache made by another TensorRT version or GPU."""
 
 
 def tensorrt_problems(graph) -> list[str]:
     """Why TensorRT 10.x/11.x would not take this ONNX: operators, opset, Q/DQ form."""
-    from lrformer_edge.export.trt_ops import unsupported_ops
-    from lrformer_edge.quant.qdq import qdq_problems
+    from lrformer_edge.backends.tensorrt.ops import unsupported_ops
+    from lrformer_edge.backends.tensorrt.qdq import qdq_problems
 
     problems = [f"operator {op} is not in TensorRT 10's ONNX support matrix"
                 for op in unsupported_ops(graph)]
@@ -95,7 +88,7 @@ def fold_constants(path: Path, folded: Path):
 
 def to_fp16(graph):
     """FP16 ONNX for TensorRT: FP32 I/O and FP32 LayerNorm/Softmax/Resize."""
-    from lrformer_edge.runners.base import require
+    from lrformer_edge.artifacts.optional import require
 
     float16 = require("onnxruntime.transformers.float16", "dev", "FP16 ONNX conversion")
     converted = float16.convert_float_to_float16(graph, keep_io_types=True,
@@ -147,7 +140,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         if precision == "fp16":
             graph = to_fp16(graph)
         elif precision == "int8":
-            from lrformer_edge.quant.qdq import quantize_qdq, qdq_summary
+            from lrformer_edge.backends.tensorrt.qdq import qdq_summary, quantize_qdq
 
             graph, quantization = quantize_qdq(graph, calibration)
             quantization["quantization"].update(qdq_summary(graph))
@@ -172,8 +165,8 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
 
 
 def _check(model, path, input_size, precision, calibration, parity):
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
     from lrformer_edge.models.deploy import to_deploy
-    from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
 
     thresholds = parity or parity_thresholds(precision)
     feed = calibration.batches[0] if precision == "int8" else parity_inputs(input_size)
@@ -182,133 +175,20 @@ def _check(model, path, input_size, precision, calibration, parity):
                         f"{precision} TensorRT ONNX")
 
 
-# --------------------------------------------------------------------------- step 2: engine
-def tensorrt_unavailable_reason() -> str | None:
-    """None when an engine can be built here, else what is missing."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return ("the Python package 'tensorrt' is not installed (x86: pip install tensorrt; "
-                "Jetson: use the system TensorRT from JetPack, in a venv made with "
-                "--system-site-packages)")
-    from lrformer_edge.runners.tensorrt import cuda_gpu_name
-
-    if cuda_gpu_name() is None:
-        return ("no NVIDIA GPU visible to CUDA (checked with cuda-python, else PyTorch; "
-                "pip install cuda-python on the target)")
-    return None
 
 
-@dataclass
-class EngineOptions:
-    workspace_mib: int | None = None
-    dla_core: int | None = None
-    timing_cache: Path | None = None
-    verbose: bool = False
 
 
-@dataclass
-class EngineResult:
-    path: Path
-    sidecar: dict
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        size = self.path.stat().st_size / 2**20
-        lines = [f"wrote {self.path} ({size:.1f} MiB, TensorRT {self.sidecar['tensorrt_version']}, "
-                 f"{self.sidecar['gpu']}, {self.seconds:.1f} s) and {sidecar_path(self.path).name}"]
-        return "\n".join(lines + self.notes)
 
 
-def sidecar_path(engine: str | Path) -> Path:
-    engine = Path(engine)
-    return engine.with_name(engine.name + SIDECAR_SUFFIX)
 
 
-def read_sidecar(engine: str | Path) -> dict:
-    path = sidecar_path(engine)
-    if not path.is_file():
-        raise ValueError(f"{engine} has no sidecar {path.name}; engines built by lrformer-edge "
-                         f"carry one (metadata, TensorRT version, GPU)")
-    return json.loads(path.read_text())
 
 
-def engine_sidecar(onnx_path: Path, tensorrt_version: str, gpu: str, options: EngineOptions,
-                   strongly_typed: bool) -> dict:
-    metadata = read_onnx_metadata(onnx_path)
-    calibration = metadata.get("calibration_set") or {}
-    return {
-        "metadata": {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
-                     for k, v in metadata.items()},
-        "tensorrt_version": tensorrt_version, "gpu": gpu,
-        "onnx": onnx_path.name, "onnx_sha256": file_sha256(onnx_path),
-        "precision": metadata.get("precision", "fp32"),
-        "calibration_sha256": calibration.get("sha256"),
-        "strongly_typed": strongly_typed, "workspace_mib": options.workspace_mib,
-        "dla_core": options.dla_core,
-        "timing_cache": str(options.timing_cache) if options.timing_cache else None,
-    }
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path,
-                 options: EngineOptions | None = None) -> EngineResult:
-    """Build and serialise an engine from a TensorRT-ready ONNX written by step 1."""
-    reason = tensorrt_unavailable_reason()
-    if reason:
-        raise TensorRTUnavailable(reason)
-    import tensorrt as trt
-
-    from lrformer_edge.runners.tensorrt import cuda_gpu_name
-
-    options = options or EngineOptions()
-    onnx_path, engine_path = Path(onnx_path), check_output_file(engine_path)
-    start = time.time()
-    logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # Strongly typed: the ONNX's types decide each layer's precision (Q/DQ for int8, FP16 tensors
-    # for fp16). TensorRT 11 has no other mode; on 10.x it keeps LayerNorm/Softmax in FP32.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))
-    config = builder.create_builder_config()
-    if options.workspace_mib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    if options.dla_core is not None:
-        if builder.num_DLA_cores <= options.dla_core:
-            raise ValueError(f"DLA core {options.dla_core} requested, this device has "
-                             f"{builder.num_DLA_cores} (Jetson AGX Orin/Xavier have 2, GPUs 0)")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = options.dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    cache = _attach_timing_cache(config, options.timing_cache)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (run with "
-                           f"--verbose for the builder log)")
-    sidecar = engine_sidecar(onnx_path, trt.__version__, cuda_gpu_name(), options,
-                             strongly_typed=True)
-    atomic_write(engine_path, lambda path: Path(path).write_bytes(bytes(serialized)))
-    atomic_write(sidecar_path(engine_path),
-                 lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
-    notes = []
-    if options.timing_cache is not None:
-        data = bytes(cache.serialize())
-        atomic_write(options.timing_cache, lambda path: Path(path).write_bytes(data))
-        notes.append(f"timing cache saved to {options.timing_cache}")
-    return EngineResult(engine_path, sidecar, time.time() - start, notes)
 
 
-def _attach_timing_cache(config, path: Path | None):
-    data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise TimingCacheMismatch(
-            f"timing cache {path} was made by another TensorRT version or GPU; delete it or "
-            f"pass another --timing-cache path")
-    return cache
 
 
 def check_calibration_matches(onnx_path: Path, calibration) -> None:

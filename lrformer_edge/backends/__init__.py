@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrformer_edge.runners.base import (
-    MissingDependencyError,
+from lrformer_edge.artifacts.optional import MissingDependencyError
+from lrformer_edge.artifacts.runner import (
     Runner,
     RunnerInputError,
     RunnerStateError,
@@ -32,9 +32,9 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
     if path.suffix in TORCH_SUFFIXES:
+        from lrformer_edge.backends.pytorch.runner import TorchRunner
         from lrformer_edge.models.checkpoint import checkpoint_variant
         from lrformer_edge.models.factory import create_model
-        from lrformer_edge.runners.torch import TorchRunner
 
         recorded = checkpoint_variant(path)
         _check_variant_matches(path, variant, recorded)  # before building the wrong model
@@ -57,19 +57,19 @@ def _check_variant_matches(path: Path, asked: str | None, recorded: str | None) 
 
 def _exported_runner(path: Path, **options) -> Runner:
     if path.suffix == ".onnx":
-        from lrformer_edge.runners.onnxruntime import OnnxRuntimeRunner
+        from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, **options)
     if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
-        from lrformer_edge.runners.openvino import OpenVINORunner
+        from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
         return OpenVINORunner(path, **options)
     if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.runners.tensorrt import TensorRTRunner
+        from lrformer_edge.backends.tensorrt.runner import TensorRTRunner
 
         return TensorRTRunner(path, **options)
     if path.suffix == ".mlpackage":
-        from lrformer_edge.runners.coreml import CoreMLRunner
+        from lrformer_edge.backends.coreml.runner import CoreMLRunner
 
         return CoreMLRunner(path, **options)
     raise ValueError(f"cannot tell which backend runs {path}: expected one of "

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.runners.base import Runner, RunnerStateError, TensorSpec, require
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.artifacts.runner import Runner, RunnerStateError, TensorSpec
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU",
                  "cpu_and_ne": "CPU_AND_NE"}
@@ -27,7 +28,7 @@ def coreml_unavailable_reason() -> str | None:
     if sys.platform != "darwin":
         return (f"Core ML prediction needs macOS 13 or newer on Apple hardware; this is "
                 f"{sys.platform}. Here the package can only be inspected "
-                f"(lrformer_edge.export.coreml.inspect_package)")
+                f"(lrformer_edge.backends.coreml.inspect.inspect_package)")
     return None
 
 
@@ -43,8 +44,8 @@ class CoreMLRunner(Runner):
             raise ValueError(f"{path} is not a Core ML .mlpackage folder (with Manifest.json)")
         super().__init__(name or f"coreml:{path.name}:{compute_units}")
         self.path, self.compute_units = path, compute_units
-        from lrformer_edge.export.coreml import inspect_package
-        from lrformer_edge.export.metadata import decode_metadata
+        from lrformer_edge.artifacts.metadata import decode_metadata
+        from lrformer_edge.backends.coreml.inspect import inspect_package
 
         self.report = inspect_package(path)
         self._metadata = decode_metadata(self.report.metadata)

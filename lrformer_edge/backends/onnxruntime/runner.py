@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.runners.base import Runner, TensorSpec, cpu_settings, require
+from lrformer_edge.artifacts.optional import require
+from lrformer_edge.artifacts.runner import Runner, TensorSpec, cpu_settings
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(uint8)": "uint8", "tensor(int32)": "int32"}
@@ -60,7 +61,7 @@ class OnnxRuntimeRunner(Runner):
     @property
     def metadata(self) -> dict:
         """The lrformer-edge metadata embedded at export (variant, classes, mean/std...)."""
-        from lrformer_edge.export.onnx import read_onnx_metadata
+        from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
 
         return read_onnx_metadata(self.path)
 

@@ -15,10 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from lrformer_edge.data.datasets import IMAGE_SUFFIXES, DatasetError, open_dataset, read_image
-from lrformer_edge.data.preprocess import preprocess
+from lrformer_edge.data.datasets import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    open_dataset,
+    read_image,
+)
+from lrformer_edge.preprocess import preprocess
 
 PROCEDURAL = "procedural"
+# Every INT8 path (OpenVINO, TensorRT Q/DQ, Core ML W8A8, the PTQ start of QAT) calibrates on this
+# many images unless told otherwise.
+DEFAULT_CALIBRATION_IMAGES = 300
 _log = logging.getLogger(__name__)
 
 
@@ -113,7 +121,7 @@ def _chosen_images(root: Path, count: int, seed: int) -> list[Path]:
     return sorted(stratified_choice(groups, count, np.random.default_rng(seed)))
 
 
-def check_calibration_source(source: str, count: int = 300, seed: int = 0) -> None:
+def check_calibration_source(source: str, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> None:
     """Fail now, not after minutes of exports, if ``source`` cannot give a calibration set:
     a missing source, a file that is not a video, no images, or an image that does not decode
     (the images the set would draw are decoded once here)."""
@@ -129,7 +137,7 @@ def check_calibration_source(source: str, count: int = 300, seed: int = 0) -> No
         next(iter(_images_from(str(source), 1, seed)), None)  # existence, video readability
 
 
-def build_calibration_set(source: str, data_config, input_size, count: int = 300,
+def build_calibration_set(source: str, data_config, input_size, count: int = DEFAULT_CALIBRATION_IMAGES,
                           seed: int = 0) -> CalibrationSet:
     """``count`` images from ``source``, preprocessed to the artifact's fixed ``input_size``."""
     if count < 1:

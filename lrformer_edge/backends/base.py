@@ -1,0 +1,136 @@
+"""The ``Backend`` record: everything the toolkit needs to know about one deployment target,
+declared as data (registered like the model variants, timm style).
+
+A backend's folder (``lrformer_edge/backends/<name>/``) holds its exporter, quantization, runner
+and format readers; its ``__init__.py`` builds one ``Backend`` record from them, and
+``lrformer_edge/backends/__init__.py`` registers it. Everything above the backends (the
+validation harness, the benchmark, QAT, the CLIs, the camera demo) asks the registry and never
+matches a backend's name itself.
+
+SDKs are imported only inside the functions a record points to, so importing the registry is
+cheap and works where a backend's SDK is missing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrformer_edge.artifacts.runner import Runner
+
+
+@dataclass(frozen=True)
+class RuntimeOption:
+    """An option of a backend's runner that the CLIs offer (e.g. OpenVINO's precision hint).
+
+    ``choices`` of ``(False, True)`` make a switch; ``flag`` is its command-line spelling
+    (default ``--<backend>-<name>`` with dashes)."""
+
+    name: str
+    choices: tuple
+    default: Any
+    help: str
+    flag: str | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        return tuple(self.choices) == (False, True)
+
+
+@dataclass(frozen=True)
+class ArtifactDescription:
+    """What an artifact is, read without running it."""
+
+    backend: str
+    precision: str  # the gate's precision key, e.g. "int8", "int8+bf16", "fp16+palette4"
+    runner_options: Mapping = field(default_factory=dict)  # for ``Backend.open_runner``
+    metadata: Mapping | None = None  # what it embeds (None: a PyTorch checkpoint)
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deployment target. Functions are plain callables (their SDK imports are lazy):
+
+    * ``open_runner(path, **options) -> Runner``
+    * ``describe(path, options) -> ArtifactDescription``: ``options`` are the values of
+      ``runtime_options`` by name (defaults filled in).
+    * ``export(model, output, input_size=None, precision=..., calibration=None, **kw)
+      -> ExportResult`` (None: nothing to export, e.g. PyTorch).
+    * ``quantize``: the post-training quantizer the exporter uses for int8 (None: no int8).
+    * ``export_qat(quantized, payload, output, feed) -> ExportResult``: a QAT model's artifact.
+    * ``benchmark_candidates(context) -> list[Candidate]`` (``lrformer_edge.benchmark``).
+    """
+
+    name: str
+    title: str
+    suffixes: tuple[str, ...]
+    precisions: tuple[str, ...]
+    precision_keys: tuple[str, ...]
+    extra: str | None
+    open_runner: Callable[..., Runner]
+    describe: Callable[[Path, Mapping], ArtifactDescription]
+    recognises: Callable[[Path], bool] | None = None  # beyond the suffix, e.g. an IR folder
+    runtime_options: tuple[RuntimeOption, ...] = ()
+    unavailable_reason: Callable[[], str | None] = _always_available
+    export: Callable | None = None
+    quantize: Callable | None = None
+    export_qat: Callable | None = None
+    qat_artifact_name: str | None = None  # file or folder name of the QAT export, {variant}
+    benchmark_candidates: Callable | None = None
+    # GPUs and NPUs sum int8 products in 32 bits; x86 CPUs without VNNI saturate 16-bit sums,
+    # so INT8 weights for them are made 7-bit (``lrformer_edge.cpu``).
+    exact_int8_accumulation: bool = True
+    thresholds_key: str | None = None  # default: ``name``
+
+    def __post_init__(self):
+        object.__setattr__(self, "runtime_options", tuple(self.runtime_options))
+
+    @property
+    def gate_key(self) -> str:
+        return self.thresholds_key or self.name
+
+    def runs(self, path: Path) -> bool:
+        """Whether ``path`` is an artifact of this backend."""
+        path = Path(path)
+        if path.suffix in self.suffixes:
+            return True
+        return bool(self.recognises and self.recognises(path))
+
+    def option_defaults(self) -> dict:
+        return {option.name: option.default for option in self.runtime_options}
+
+    def install_hint(self) -> str:
+        return (f"pip install 'lrformer-edge[{self.extra}]'" if self.extra
+                else "pip install lrformer-edge")
+
+
+@dataclass
+class BenchmarkContext:
+    """What ``benchmark_candidates`` gets: the model and how the benchmark was asked to run."""
+
+    model: Any
+    input_size: tuple[int, int]
+    work_dir: Path
+    calibration: Callable  # () -> CalibrationSet, built once on first use
+    threads: int | None
+    all_formats: bool  # --all: every format, not only the CPU formats of the default table
+    int8_targets: tuple[str, ...]  # x86 ISAs to make CPU INT8 artifacts for (lrformer_edge.cpu)
+    log: Callable = print
+
+
+@dataclass
+class Candidate:
+    """One row of the benchmark: an artifact and how to run it (or why it cannot run here)."""
+
+    format: str
+    backend: str
+    precision: str
+    make_runner: Callable | None = None  # () -> Runner; None when skipped
+    artifact: Path | None = None
+    status: str = "ok"
+    throughput: bool = False  # also measure the runner's own throughput mode
