@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import time
 
@@ -17,6 +18,11 @@ from lrformer_edge.data.procedural import (
 from lrformer_edge.data.splits import split_seeds
 
 
+def _size(writer) -> str:
+    """A layout writer's default image size, for the help text."""
+    return " ".join(str(v) for v in inspect.signature(writer).parameters["size"].default)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=2000, help="number of training images")
     parser.add_argument("--val", type=int, default=100, help="number of validation images")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="image size (default 512 512 for ade20k, 1024 2048 for cityscapes)")
+                        help=f"image size (default {_size(write_ade20k_layout)} for ade20k, "
+                             f"{_size(write_cityscapes_layout)} for cityscapes)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if args.train < 0 or args.val < 0:
@@ -36,14 +43,14 @@ def main(argv=None) -> int:
         except ValueError as error:
             parser.error(f"--size: {error}")
     check_output_argument(args.output, "--output", "folder")
+    size = {"size": tuple(args.size)} if args.size else {}  # else the layout writer's default
     start = time.time()
     if args.layout == "ade20k":
         seeds = split_seeds(args.train, args.val, names=("training", "validation"))
-        write_ade20k_layout(args.output, seeds, tuple(args.size or (512, 512)),
-                            workers=args.workers)
+        write_ade20k_layout(args.output, seeds, workers=args.workers, **size)
     else:
         seeds = split_seeds(args.train, args.val, names=("train", "val"))
-        write_cityscapes_layout(args.output, seeds, tuple(args.size or (1024, 2048)))
+        write_cityscapes_layout(args.output, seeds, **size)
     print(f"wrote {args.train} training and {args.val} validation scenes to {args.output} "
           f"({args.layout} layout) in {time.time() - start:.0f} s")
     return 0

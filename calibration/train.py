@@ -10,12 +10,12 @@ WORK_DIR/best_mIoU.pth; --resume continues from latest.pth.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lrformer_edge.cli import check_output_argument
+from lrformer_edge.data.datasets import DATASET_FORMATS
 from lrformer_edge.registry import list_models
-from lrformer_edge.training import TrainConfig, export_bundled_weights, train
+from lrformer_edge.training import TrainConfig, run_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", required=True, choices=list_models(), metavar="NAME",
                         help="registry name, e.g. lrformer-t")
     parser.add_argument("--data", required=True, help="dataset root (ADE20K/Cityscapes/COCO-Stuff layout)")
-    parser.add_argument("--dataset-format", choices=("ade20k", "cityscapes", "coco-stuff"),
+    parser.add_argument("--dataset-format", choices=tuple(DATASET_FORMATS),
                         help="layout of --data (detected when omitted)")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--checkpoint", help="initial weights to fine-tune from")
@@ -54,23 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--iters and --batch-size must be positive")
     check_output_argument(args.work_dir, "--work-dir", "folder")
     check_output_argument(args.export_bundled, "--export-bundled")
+    try:
+        args.config = _config(args)
+    except ValueError as error:  # e.g. a crop size the model cannot take
+        parser.error(str(error))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = train(_config(args))
-    except ValueError as error:  # bad data, checkpoint or option: one line, nothing written
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    best = summary["best"]
-    print(f"best val mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']} "
-          f"({summary['train_minutes']:.1f} min)")
-    if args.export_bundled and os.environ.get("RANK", "0") == "0":
-        path = export_bundled_weights(f"{args.work_dir}/best_mIoU.pth", args.export_bundled)
-        print(f"wrote {path}")
-    return 0
+    return run_training(args.config, export_bundled=args.export_bundled)
 
 
 def _config(args) -> TrainConfig:

@@ -3,12 +3,14 @@
     python deploy/benchmark.py                      # bundled LRFormer-T at 512x512
     python deploy/benchmark.py --variant lrformer-t --checkpoint CKPT --input-size 512 1024
 
-Rows: PyTorch eager FP32 (the ground truth), ONNX Runtime FP32, OpenVINO FP32 / BF16 / INT8
-(NNCF PTQ) / INT8 with BF16 for the float parts; with --all also OpenVINO FP16, the TensorRT FP16
-and Q/DQ INT8 ONNX files run by ONNX Runtime, TensorRT engines (where TensorRT and a GPU exist)
-and CoreML, each listed with its status (skipped rows say what they need). Per row: latency median / p90 / p99 after
-warm-up, throughput, speed-up over PyTorch (ratio of medians, same process), mIoU on held-out
-procedural scenes and pixel agreement with PyTorch. Writes benchmark.md and benchmark.json.
+Rows: every registered backend's rows, in registry order (each backend's benchmark.py says
+which): by default PyTorch eager FP32 (the ground truth), ONNX Runtime FP32, OpenVINO FP32 / BF16
+/ INT8 (NNCF PTQ) / INT8 with BF16 for the float parts; --all adds the other formats (OpenVINO
+FP16, the TensorRT FP16 and Q/DQ INT8 ONNX files run by ONNX Runtime, TensorRT engines where
+TensorRT and a GPU exist, Core ML), each listed with its status (skipped rows say what they
+need). Per row: latency median / p90 / p99 after warm-up, throughput, speed-up over PyTorch (ratio
+of medians, same process), mIoU on held-out procedural scenes and pixel agreement with PyTorch.
+Writes benchmark.md and benchmark.json.
 
 The title names the CPU and its ISA (AVX2 / AVX-512 / VNNI / AMX / bf16); on a CPU without VNNI a
 note says INT8 brings little speed there, and a bf16 row whose hint this CPU runs in f32 is listed
@@ -18,70 +20,58 @@ as skipped with that reason. --cpu-isa portable vnni makes one INT8 IR per targe
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import torch
-
-from lrformer_edge.benchmark import (
-    benchmark_title,
-    cpu_notes,
-    markdown_table,
-    rows_as_json,
-    run_benchmark,
+from lrformer_edge.benchmark import BenchmarkConfig, write_benchmark
+from lrformer_edge.cli import (
+    add_calibration_arguments,
+    add_int8_target_argument,
+    add_model_arguments,
+    calibration_source,
+    check_calibration_arguments,
+    check_output_argument,
 )
-from lrformer_edge.cli import add_int8_target_argument, check_output_argument
-from lrformer_edge.cpu import host_cpu
-from lrformer_edge.data.calibration import check_calibration_source
-from lrformer_edge.files import atomic_write
-from lrformer_edge.models.factory import create_model
-from lrformer_edge.registry import BUNDLED_MODEL, list_models
-from lrformer_edge.resources import check_export_size
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default=BUNDLED_MODEL, choices=list_models(), metavar="NAME")
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    add_model_arguments(parser)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eval-images", type=int, default=20,
                         help="held-out procedural scenes for mIoU and agreement (0: skip)")
-    parser.add_argument("--calib-data", default="procedural",
-                        help="calibration images: dataset root, image folder or 'procedural'")
-    parser.add_argument("--calib-images", type=int, default=300)
+    add_calibration_arguments(parser)
     parser.add_argument("--threads", type=int, help="inference threads for ORT/OpenVINO")
     parser.add_argument("--all", action="store_true",
-                        help="every format available here: adds OpenVINO FP16, the TensorRT FP16 "
-                             "and Q/DQ INT8 ONNX (ONNX Runtime), TensorRT engines where TensorRT "
-                             "and a GPU exist, CoreML (listed as skipped where it cannot run)")
+                        help="every format of every registered backend, not only the CPU "
+                             "formats of the default table (listed as skipped, with the reason, "
+                             "where one cannot run here)")
     add_int8_target_argument(parser, several=True)
     parser.add_argument("--output", default="outputs/benchmark")
     args = parser.parse_args(argv)
+    check_calibration_arguments(parser, args)
     check_output_argument(args.output, "--output", "folder")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = BenchmarkConfig(
+        output=Path(args.output), variant=args.variant, checkpoint=args.checkpoint,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        eval_images=args.eval_images, iterations=args.iterations, warmup=args.warmup,
+        calibration_source=calibration_source(args), calibration_images=args.calib_images,
+        calibration_seed=args.seed, threads=args.threads, all_formats=args.all,
+        int8_targets=tuple(dict.fromkeys(args.cpu_isa)))
     try:
-        model = create_model(args.variant, checkpoint=args.checkpoint)
-        size = check_export_size(model, args.input_size or model.config.data.native_size,
-                                 args.calib_images)
-        # Unreadable calibration images would otherwise surface after minutes of exports.
-        check_calibration_source(args.calib_data, args.calib_images)
+        table = write_benchmark(config)
     except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
-    output = Path(args.output)
-    rows = run_benchmark(model, size, output / "artifacts", args.eval_images, args.iterations,
-                         args.warmup, args.calib_images, args.calib_data, args.threads,
-                         all_formats=args.all, int8_targets=tuple(dict.fromkeys(args.cpu_isa)))
-    title = benchmark_title(model.config.name, size, args.threads or torch.get_num_threads(),
-                            args.eval_images)
-    table = markdown_table(rows, title, cpu_notes())
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print("\n" + table)
-    atomic_write(output / "benchmark.md", lambda tmp: Path(tmp).write_text(table))
-    atomic_write(output / "benchmark.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"title": title, "cpu": host_cpu().as_dict(), "rows": rows_as_json(rows)}, indent=1,
-        default=str)))
-    print(f"wrote {output}/benchmark.md and benchmark.json")
+    print(f"wrote {config.output}/benchmark.md and benchmark.json")
     return 0
 
 

@@ -4,15 +4,16 @@
     python deploy/camera_demo.py --artifact lrformer.onnx --source clip.mp4 --output annotated.mp4
     python deploy/camera_demo.py --artifact lrformer-int8.engine --source rtsp://cam/stream --show
 
---artifact: an ONNX file, OpenVINO IR (.xml or folder), TensorRT engine or PyTorch checkpoint;
-default: the bundled model in PyTorch. Live sources (camera index, rtsp/http URL) always hand the
-newest frame to inference (stale frames are dropped, so there is no growing lag); files give every
-frame in order. --serve streams MJPEG over HTTP on 127.0.0.1 (name --serve-host to expose it);
---output writes the annotated video (renamed into place when the run ends). Ctrl-C, SIGTERM
-(systemd, docker stop), the end of the stream, --max-frames or a lost camera end the run with a
-summary (frames, FPS, stage latencies) and a finished video. An unreadable frame of a file or
-folder (corrupt image, truncated video) is skipped with a warning naming it and counted in the
-summary; a source with no readable frame at all is an error (exit 2).
+--artifact: an artifact of any registered backend (--help lists them); default: the bundled model
+in PyTorch. --precision and the other runner options apply to the backends that declare them.
+Live sources (camera index, rtsp/http URL) always hand the newest frame to inference (stale frames
+are dropped, so there is no growing lag); files give every frame in order. --serve streams MJPEG
+over HTTP on 127.0.0.1 (name --serve-host to expose it); --output writes the annotated video
+(renamed into place when the run ends). Ctrl-C, SIGTERM (systemd, docker stop), the end of the
+stream, --max-frames or a lost camera end the run with a summary (frames, FPS, stage latencies)
+and a finished video. An unreadable frame of a file or folder (corrupt image, truncated video) is
+skipped with a warning naming it and counted in the summary; a source with no readable frame at
+all is an error (exit 2).
 --reference-every N compares every Nth frame with the FP32 PyTorch model (the bundled one, or
 --reference CKPT) and shows the running agreement.
 """
@@ -23,16 +24,28 @@ import json
 import sys
 from pathlib import Path
 
-from lrformer_edge.cli import check_output_argument
-from lrformer_edge.live.demo import DemoOptions, run_demo, sigterm_ends_run
+from lrformer_edge.backends import artifact_kinds
+from lrformer_edge.cli import (
+    add_runner_option_arguments,
+    check_output_argument,
+    runner_options_from_args,
+)
+from lrformer_edge.live.demo import (
+    DemoOptions,
+    open_pipeline,
+    reference_pipeline,
+    run_demo,
+    sigterm_ends_run,
+)
 from lrformer_edge.live.sources import SourceError
-from lrformer_edge.registry import BUNDLED_MODEL, list_models
+from lrformer_edge.registry import list_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", help="model to run (default: the bundled PyTorch model)")
+    parser.add_argument("--artifact", help=f"model to run: {artifact_kinds()} (default: the "
+                                           f"bundled PyTorch model)")
     parser.add_argument("--variant", default=None, choices=list_models(), metavar="NAME",
                         help="variant of a PyTorch checkpoint that does not record it (an "
                              "artifact recording another variant is an error)")
@@ -50,8 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--show", action="store_true", help="open a window (needs a display)")
     parser.add_argument("--max-frames", type=int, help="stop after N frames")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity, 0..1")
-    parser.add_argument("--precision", choices=("f32", "bf16", "f16"),
-                        help="OpenVINO inference precision (default f32)")
+    add_runner_option_arguments(parser)  # e.g. --precision bf16 for an OpenVINO IR
     parser.add_argument("--reference-every", type=int, default=0, metavar="N",
                         help="compare every Nth frame with the FP32 PyTorch model")
     parser.add_argument("--reference", help="checkpoint of the FP32 reference (default: bundled)")
@@ -68,30 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_pipeline(args):
-    from lrformer_edge.models.factory import create_model
-    from lrformer_edge.pipeline import SegmentationPipeline
-
-    if args.artifact is None:
-        return SegmentationPipeline.from_model(create_model(args.variant or BUNDLED_MODEL),
-                                               args.input_size)
-    options = {"precision": args.precision} if args.precision else {}
-    pipeline = SegmentationPipeline.from_artifact(args.artifact, variant=args.variant, **options)
-    if args.input_size:
-        pipeline.input_size = tuple(args.input_size)
-    return pipeline
-
-
-def build_reference(args, pipeline):
-    if not args.reference_every:
-        return None
-    from lrformer_edge.models.factory import create_model
-    from lrformer_edge.pipeline import SegmentationPipeline
-
-    model = create_model(args.variant or BUNDLED_MODEL, checkpoint=args.reference)
-    return SegmentationPipeline.from_model(model, pipeline.input_size)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     options = DemoOptions(source=args.source, output=args.output,
@@ -99,8 +87,10 @@ def main(argv=None) -> int:
                           show=args.show, max_frames=args.max_frames, opacity=args.opacity,
                           reference_every=args.reference_every, hold=args.hold)
     try:
-        pipeline = build_pipeline(args)
-        reference = build_reference(args, pipeline)
+        pipeline = open_pipeline(args.artifact, args.variant, args.input_size,
+                                 runner_options_from_args(args, args.artifact))
+        reference = (reference_pipeline(pipeline, args.variant, args.reference)
+                     if args.reference_every else None)
         print(f"running {pipeline.runner.name} on {args.source}", flush=True)
         with sigterm_ends_run():
             summary = run_demo(

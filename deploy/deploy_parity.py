@@ -58,6 +58,8 @@ def main(argv=None) -> int:
                 check_memory(model, size, "forward", what=f"running {model.config.name}")
     except ValueError as error:  # checkpoint missing, unreadable or not this variant's; too large
         parser.exit(2, f"error: {error}\n")
+    if model.variant_note:
+        print(model.variant_note)
     if args.reference_weights:
         model.load_state_dict(reference_state_dict(manifest_of(model)))
     print(f"{model.config.name}: deploy form vs reference (max-abs, argmax agreement on all pixels "

@@ -14,12 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from lrformer_edge.artifacts.optional import MissingDependencyError
 from lrformer_edge.artifacts.runner import RunnerStateError
-from lrformer_edge.backends.openvino.profile import profile_layers, profile_table
-from lrformer_edge.backends.openvino.runner import PRECISIONS, OpenVINORunner
+from lrformer_edge.backends.openvino.profile import profile_ir, profile_table
+from lrformer_edge.backends.openvino.runner import PRECISIONS
 from lrformer_edge.files import atomic_write
 
 
@@ -37,25 +35,16 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.top < 0:
         parser.error("--repeats must be positive and --top non-negative")
     try:
-        runner = OpenVINORunner(args.ir, precision=args.precision, threads=args.threads,
-                                profile=True)
-        if not runner.input_specs:
-            raise ValueError(f"{runner.path} has no inputs to feed")
-        spec = runner.input_specs[0]
-        shape = tuple(1 if d is None else d for d in spec.shape)
-        feed = {spec.name: np.random.default_rng(0).random(shape, np.float32)}
-        with runner:
-            profile = profile_layers(runner, feed, args.repeats)
-            settings = runner.settings
+        profile, settings, ir = profile_ir(args.ir, args.precision, args.threads, args.repeats)
     except (ValueError, MissingDependencyError, RunnerStateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{runner.path.name}: precision {settings['inference_precision']}, "
+    print(f"{ir.name}: precision {settings['inference_precision']}, "
           f"{settings['threads']} threads, {settings['streams']} stream(s), OpenVINO "
           f"{settings['openvino']}")
     print(profile_table(profile, args.top))
     if args.json:
-        payload = {"ir": str(runner.path), "settings": settings, **profile.as_dict()}
+        payload = {"ir": str(ir), "settings": settings, **profile.as_dict()}
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
     return 0
 

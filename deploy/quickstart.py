@@ -7,8 +7,9 @@
 2. runs the bundled LRFormer-T (PyTorch FP32, the ground truth) through the same
    preprocess -> runner -> postprocess path every backend uses, on procedural validation scenes
    never seen in training or checkpoint selection, and reports mIoU;
-3. exports it to ONNX at 512x512 (exact static pooling, parity-checked) and runs the same scenes
-   through ONNX Runtime, reporting its mIoU and its agreement with the ground truth;
+3. exports it to ONNX at --size (default: its native size, 512x512; exact static pooling,
+   parity-checked) and runs the same scenes through ONNX Runtime, reporting its mIoU and its
+   agreement with the ground truth;
 4. writes sample panels (image | truth | prediction) and a JSON report.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.postprocess import colorize
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden
-from lrformer_edge.registry import BUNDLED_MODEL, get_config
+from lrformer_edge.registry import BUNDLED_MODEL, get_config, input_size_of
 from lrformer_edge.resources import check_export_size
 
 
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20, help="validation scenes to segment")
-    parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="scene and ONNX input size (default: the model's native size)")
     parser.add_argument("--output", default="outputs/quickstart")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export/validation")
     parser.add_argument("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images <= 0:
         parser.error("--images must be positive")
+    args.size = input_size_of(get_config(BUNDLED_MODEL), args.size)
     try:  # before the evaluation, not after it: the export at --size is the last step
         check_scene_size(args.size)
         if not args.no_export:

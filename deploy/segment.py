@@ -43,6 +43,8 @@ def main(argv=None) -> int:
         model = create_model(args.variant, checkpoint=args.checkpoint)
     except ValueError as error:  # checkpoint missing, unreadable or not this variant's
         parser.exit(2, f"error: {error}\n")
+    if model.variant_note:
+        print(model.variant_note)
     output = Path(args.output)
     with SegmentationPipeline.from_model(model) as pipeline:
         for path in args.images:

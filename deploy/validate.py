@@ -18,7 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lrformer_edge.cli import check_output_argument
+from lrformer_edge.backends import artifact_kinds
+from lrformer_edge.cli import (
+    add_backend_option_arguments,
+    backend_options_from_args,
+    check_output_argument,
+)
 from lrformer_edge.registry import list_models
 from lrformer_edge.validation import ValidationConfig, run_validation
 
@@ -29,8 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", nargs="+", type=Path, required=True,
-                        help="ONNX files, OpenVINO IRs (.xml or folder), TensorRT engines, CoreML "
-                             "packages, PyTorch checkpoints")
+                        help=f"artifacts of any backend: {artifact_kinds()}")
     parser.add_argument("--report", type=Path, required=True, help="folder for the reports")
     parser.add_argument("--data", help="dataset root (ADE20K/Cityscapes/COCO-Stuff/folder pairs)")
     parser.add_argument("--images", type=int, default=100, help="validation images (default 100)")
@@ -50,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help="use saved ground-truth outputs instead of running PyTorch")
     parser.add_argument("--logit-images", type=int, default=5,
                         help="samples whose reference logits are kept for max-abs/cosine")
-    parser.add_argument("--openvino-precision", choices=("f32", "bf16", "f16"), default="f32",
-                        help="OpenVINO inference precision hint (default f32)")
-    parser.add_argument("--emulate-exact-int8", action="store_true",
-                        help="run OpenVINO INT8 IRs with exact int8 arithmetic emulated (slow): "
-                             "what a CPU with VNNI or AMX computes, e.g. to gate an IR made with "
-                             "--cpu-isa vnni on a CPU without VNNI")
+    add_backend_option_arguments(parser)
     parser.add_argument("--require-all", action="store_true",
                         help="fail the gate when an artifact was skipped")
     args = parser.parse_args(argv)
@@ -75,8 +74,7 @@ def main(argv=None) -> int:
         input_size=tuple(args.input_size) if args.input_size else None,
         thresholds=args.thresholds, save_reference=args.save_reference,
         load_reference=args.load_reference, logit_images=args.logit_images,
-        openvino_precision=args.openvino_precision, require_all=args.require_all,
-        emulate_exact_int8=args.emulate_exact_int8)
+        backend_options=backend_options_from_args(args), require_all=args.require_all)
     try:
         outcome = run_validation(config)
     except (ValueError, ImportError, KeyError) as error:

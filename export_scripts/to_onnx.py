@@ -7,17 +7,22 @@
 The file is single-file ONNX (weights inside), embeds its metadata (variant, classes, palette,
 mean/std, input size, checkpoint SHA-256, versions) and is written only after ONNX Runtime
 reproduces the PyTorch logits (max-abs, cosine, argmax agreement); otherwise the script fails.
+--validate [N] then runs the file in ONNX Runtime on N held-out procedural scenes and compares it
+with the FP32 PyTorch model: mIoU, delta and pixel agreement.
 """
 from __future__ import annotations
 
 import argparse
 
 from lrformer_edge.artifacts.parity import ParityThresholds
-from lrformer_edge.artifacts.result import run_export_cli
 from lrformer_edge.backends.onnxruntime.export import MAX_OPSET, MIN_OPSET, export_onnx
-from lrformer_edge.cli import add_model_arguments, check_output_argument
-from lrformer_edge.models.factory import create_model
-from lrformer_edge.resources import check_export_size
+from lrformer_edge.cli import (
+    add_model_arguments,
+    add_validate_argument,
+    check_output_argument,
+    check_validate_argument,
+)
+from lrformer_edge.export_flow import export_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--simplify", action="store_true", help="run onnxsim (pip install onnxsim)")
     parser.add_argument("--max-abs", type=float, default=ParityThresholds.max_abs,
                         help="parity: largest tolerated logits difference")
+    add_validate_argument(parser)
     parser.add_argument("--output", default="lrformer.onnx", help="output .onnx file")
     args = parser.parse_args(argv)
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
@@ -41,28 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be positive")
     if not args.output.endswith(".onnx"):
         parser.error(f"--output must end in .onnx, got {args.output}")
+    check_validate_argument(parser, args)
+    if args.validate and args.batch_size != 1:
+        parser.error("--validate runs one image at a time: use --batch-size 1 or --dynamic-batch")
     check_output_argument(args.output, "--output")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    def export():
-        model = create_model(args.variant, checkpoint=args.checkpoint)
-        size = tuple(args.input_size) if args.input_size else model.config.data.native_size
-        size = check_export_size(model, size)
-        print(f"exporting {model.config.name} at {size[0]}x{size[1]}, "
-              f"batch {'dynamic' if args.dynamic_batch else args.batch_size}, opset {args.opset}")
-        return export_onnx(model, args.output, size,
-                           batch_size=None if args.dynamic_batch else args.batch_size,
-                           opset=args.opset, simplify=args.simplify,
-                           parity=ParityThresholds(max_abs=args.max_abs))
-
-    code, result = run_export_cli(export)
-    if result is not None:
-        print(result.summary())
-    return code
+    batch_size = None if args.dynamic_batch else args.batch_size
+    return export_command(
+        args, lambda model, size, _: export_onnx(
+            model, args.output, size, batch_size=batch_size, opset=args.opset,
+            simplify=args.simplify, parity=ParityThresholds(max_abs=args.max_abs)),
+        what=f"ONNX, batch {batch_size or 'dynamic'}, opset {args.opset}")
 
 
 if __name__ == "__main__":

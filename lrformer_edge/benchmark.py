@@ -1,5 +1,9 @@
 """Latency, throughput and accuracy of several backends measured side by side in one run.
 
+The rows come from the backend registry (``lrformer_edge.backends.BACKENDS``): each backend's
+``benchmark_candidates`` exports its artifacts and says how to run them; this module measures
+them all alike and never matches a backend's name.
+
 Latency: median / p90 / p99 of single-image synchronous calls after warm-up, measured
 round-robin across backends (one call of each per round) so that load drift on these noisy
 machines affects all alike; speed-ups are ratios of those medians. Throughput: frames
@@ -8,13 +12,38 @@ synchronous backends.
 """
 from __future__ import annotations
 
+import functools
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from lrformer_edge import backends
+from lrformer_edge.artifacts.parity import parity_inputs
+from lrformer_edge.artifacts.runner import unhonoured_hint
+from lrformer_edge.backends import load_runner
+from lrformer_edge.backends.base import BenchmarkContext, Candidate
 from lrformer_edge.cpu import DEFAULT_INT8_TARGET, host_cpu, resolve_int8_target
+from lrformer_edge.data.calibration import (
+    DEFAULT_CALIBRATION_IMAGES,
+    PROCEDURAL,
+    build_calibration_set,
+    check_calibration_source,
+)
+from lrformer_edge.evaluation import (
+    evaluate_pipeline,
+    keep_labels,
+    procedural_validation_samples,
+)
+from lrformer_edge.files import artifact_size_bytes, atomic_write
+from lrformer_edge.models.factory import create_model
+from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.registry import BUNDLED_MODEL
+from lrformer_edge.resources import check_export_size
 
 
 @dataclass
@@ -86,214 +115,127 @@ def rows_as_json(rows: list[BenchmarkRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-@dataclass
-class Candidate:
-    format: str
-    backend: str
-    precision: str
-    make_runner: object = None  # () -> Runner; None when skipped
-    artifact: object = None
-    status: str = "ok"
-
-
 def _artifact_mib(artifact) -> float | None:
-    from lrformer_edge.files import artifact_size_bytes
-
     return None if artifact is None else artifact_size_bytes(artifact) / 2**20
 
 
-def int8_row_name(target_isa: str) -> str:
-    """Benchmark precision label of an OpenVINO INT8 IR made for ``target_isa``."""
-    return "int8" if target_isa == DEFAULT_INT8_TARGET else f"int8-{target_isa}"
-
-
-def _openvino_candidates(model, input_size, work_dir, calibration, threads, all_formats, log,
-                         int8_targets):
-    from lrformer_edge.backends.openvino.export import export_openvino
-    from lrformer_edge.backends.openvino.runner import OpenVINORunner
-
-    log("exporting OpenVINO FP32 IR")
-    irs = {"fp32": export_openvino(model, work_dir / "openvino-fp32", input_size, "fp32").path}
-    if all_formats:
-        log("exporting OpenVINO FP16 IR")
-        irs["fp16"] = export_openvino(model, work_dir / "openvino-fp16", input_size, "fp16").path
-    for target in int8_targets:
-        log(f"quantizing to OpenVINO INT8 for {target} CPUs (NNCF PTQ)")
-        irs[int8_row_name(target)] = export_openvino(
-            model, work_dir / f"openvino-{int8_row_name(target)}", input_size, "int8",
-            calibration=calibration(), target_isa=target).path
-    runs = [("fp32", "fp32", "f32"), ("bf16", "fp32", "bf16")]
-    runs += [("fp16", "fp16", "f32")] if all_formats else []
-    for target in int8_targets:
-        name = int8_row_name(target)
-        runs += [(name, name, "f32"), (f"{name}+bf16", name, "bf16")]
-    return [Candidate("OpenVINO IR", "openvino", name,
-                      lambda p=irs[weights], h=hint: OpenVINORunner(p, precision=h, threads=threads),
-                      irs[weights]) for name, weights, hint in runs]
-
-
-def _tensorrt_candidates(model, input_size, work_dir, calibration, threads, log):
-    """TensorRT-ready ONNX (run by ONNX Runtime here) and, where possible, engines."""
-    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-    from lrformer_edge.backends.tensorrt.engine import (
-        build_engine,
-        tensorrt_unavailable_reason,
-    )
-    from lrformer_edge.backends.tensorrt.export import export_tensorrt_onnx
-
-    candidates, onnx_files = [], {}
-    for precision in ("fp16", "int8"):
-        log(f"exporting the {precision} TensorRT ONNX")
-        path = work_dir / f"tensorrt-{precision}.onnx"
-        export_tensorrt_onnx(model, path, input_size, precision,
-                             calibration() if precision == "int8" else None)
-        onnx_files[precision] = path
-        candidates.append(Candidate(f"ONNX for TensorRT ({'Q/DQ' if precision == 'int8' else 'FP16'})",
-                                    "onnxruntime", precision,
-                                    lambda p=path: OnnxRuntimeRunner(p, threads=threads), path))
-    reason = tensorrt_unavailable_reason()
-    for precision, path in onnx_files.items():
-        if reason:
-            candidates.append(Candidate("TensorRT engine", "tensorrt", precision,
-                                        status=f"skipped: {reason}"))
-            continue
-        from lrformer_edge.backends.tensorrt.runner import TensorRTRunner
-
-        log(f"building the {precision} TensorRT engine")
-        engine = build_engine(path, work_dir / f"tensorrt-{precision}.engine").path
-        candidates.append(Candidate("TensorRT engine", "tensorrt", precision,
-                                    lambda e=engine: TensorRTRunner(e), engine))
-    return candidates
-
-
-def _coreml_candidate(model, input_size, work_dir, log) -> Candidate:
-    from lrformer_edge.backends.coreml.runner import coreml_unavailable_reason
-
-    reason = coreml_unavailable_reason()
-    if reason:
-        return Candidate("Core ML package", "coreml", "fp16", status=f"skipped: {reason}")
-    from lrformer_edge.backends.coreml.export import CoreMLOptions, export_coreml
-    from lrformer_edge.backends.coreml.runner import CoreMLRunner
-
-    log("exporting the FP16 Core ML package")
-    package = export_coreml(model, work_dir / "coreml-fp16.mlpackage", input_size,
-                            CoreMLOptions(input_type="tensor")).path
-    return Candidate("Core ML package", "coreml", "fp16",
-                     lambda p=package: CoreMLRunner(p), package)
-
-
 def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations: int = 30,
-                  warmup: int = 5, calibration_images: int = 300, calibration_source: str = "procedural",
-                  threads: int | None = None, log=print, all_formats: bool = False,
-                  int8_targets: tuple[str, ...] = (DEFAULT_INT8_TARGET,)) -> list[BenchmarkRow]:
-    """Export to every format available here, then measure each backend in this one process.
+                  warmup: int = 5, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+                  calibration_source: str = PROCEDURAL, threads: int | None = None, log=print,
+                  all_formats: bool = False,
+                  int8_targets: tuple[str, ...] = (DEFAULT_INT8_TARGET,),
+                  calibration_seed: int = 0) -> list[BenchmarkRow]:
+    """Export to every format of every registered backend available here, then measure each in
+    this one process. The rows are each backend's ``benchmark_candidates``, in registry order:
+    the first (PyTorch) is the ground truth of agreement and speed-up.
 
-    ``int8_targets``: the x86 CPU ISAs to make OpenVINO INT8 IRs for (``lrformer_edge.cpu``),
+    ``int8_targets``: the x86 CPU ISAs to make CPU INT8 artifacts for (``lrformer_edge.cpu``),
     one row each (e.g. ``("portable", "vnni")`` to see what the portable form costs). A row whose
     precision hint this CPU cannot honour (bf16 without native bf16) is listed as skipped with
     the reason, not measured as if it were bf16.
 
-    ``all_formats`` adds OpenVINO FP16, the FP16 and Q/DQ INT8 TensorRT ONNX files (run by ONNX
-    Runtime), TensorRT engines where TensorRT and a GPU exist, and CoreML (listed as skipped
-    with the reason where it cannot run).
+    ``all_formats`` adds the formats that are not CPU formats of the default table (OpenVINO
+    FP16, the TensorRT ONNX files and engines, Core ML); a backend that cannot run here lists its
+    rows as skipped with the reason.
     """
-    from pathlib import Path
-
-    from lrformer_edge.artifacts.parity import parity_inputs
-    from lrformer_edge.backends.onnxruntime.export import export_onnx
-    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-    from lrformer_edge.backends.pytorch.runner import TorchRunner
-    from lrformer_edge.evaluation import (
-        evaluate_pipeline,
-        keep_labels,
-        procedural_validation_samples,
-    )
-    from lrformer_edge.pipeline import SegmentationPipeline
-
-    work_dir = Path(work_dir)
-    int8_targets = tuple(dict.fromkeys(resolve_int8_target(t) for t in int8_targets))
-    data = model.config.data
-    feed = {"input": parity_inputs(input_size)}
-    calibration_cache = []
-
-    def calibration():
-        if not calibration_cache:
-            from lrformer_edge.data.calibration import build_calibration_set
-
-            log(f"building a {calibration_images}-image calibration set from {calibration_source}")
-            calibration_cache.append(build_calibration_set(calibration_source, data, input_size,
-                                                           calibration_images))
-        return calibration_cache[0]
-
-    def samples():
-        return procedural_validation_samples(eval_images, tuple(input_size))
-
-    candidates = [Candidate("PyTorch", "pytorch", "fp32",
-                            lambda: TorchRunner(model, input_size=input_size))]
-    onnx_path = work_dir / "model.onnx"
-    log(f"exporting ONNX to {onnx_path}")
-    export_onnx(model, onnx_path, input_size)
-    candidates.append(Candidate("ONNX", "onnxruntime", "fp32",
-                                lambda: OnnxRuntimeRunner(onnx_path, threads=threads), onnx_path))
-    try:
-        candidates += _openvino_candidates(model, input_size, work_dir, calibration, threads,
-                                           all_formats, log, int8_targets)
-    except ImportError as missing:
-        candidates.append(Candidate("OpenVINO IR", "openvino", "all", status=f"skipped: {missing}"))
-    if all_formats:
-        try:
-            candidates += _tensorrt_candidates(model, input_size, work_dir, calibration, threads,
-                                               log)
-        except ImportError as missing:
-            candidates.append(Candidate("ONNX for TensorRT", "onnxruntime", "int8",
-                                        status=f"skipped: {missing}"))
-        candidates.append(_coreml_candidate(model, input_size, work_dir, log))
-
+    context = BenchmarkContext(
+        model, tuple(input_size), Path(work_dir),
+        _calibration_once(calibration_source, model.config.data, input_size, calibration_images,
+                          calibration_seed, log),
+        threads, all_formats, tuple(dict.fromkeys(resolve_int8_target(t) for t in int8_targets)),
+        open_runner=load_runner, log=log)
+    candidates = collect_candidates(context)
     rows = [BenchmarkRow(c.backend, c.precision, c.status, c.format,
                          size_mib=_artifact_mib(c.artifact)) for c in candidates]
     measured = [(row, c) for row, c in zip(rows, candidates) if c.make_runner is not None]
-    runners = [c.make_runner() for _, c in measured]
+    feed = {"input": parity_inputs(input_size)}
+    measured, runners = measure_latency(measured, feed, warmup, iterations, log)
+    measure_accuracy(measured, runners, model.config.data,
+                     lambda: procedural_validation_samples(eval_images, tuple(input_size)), log)
+    measure_throughput(measured, feed)
+    return rows
+
+
+def _calibration_once(source: str, data, input_size, count: int, seed: int, log):
+    """() -> the calibration set, built on the first call only (and never when no row needs it)."""
+    @functools.cache
+    def calibration():
+        log(f"building a {count}-image calibration set from {source}")
+        return build_calibration_set(source, data, input_size, count, seed)
+
+    return calibration
+
+
+def collect_candidates(context: BenchmarkContext) -> list[Candidate]:
+    """Every registered backend's rows, in registry order. A backend whose SDK is missing here
+    gives one skipped row naming what to install."""
+    candidates = []
+    for backend in backends.BACKENDS:
+        if backend.benchmark_candidates is None:
+            continue
+        try:
+            candidates += backend.benchmark_candidates(context)
+        except ImportError as missing:
+            candidates.append(Candidate(backend.title, backend.name, "all",
+                                        status=f"skipped: {missing}"))
+    return candidates
+
+
+def measure_latency(measured, feed: dict, warmup: int, iterations: int, log):
+    """Latency of every (row, candidate) round-robin, with all runners active at once; rows whose
+    precision hint this CPU does not honour are marked skipped instead. Returns the measured
+    pairs and their (inactive again) runners."""
+    runners = [candidate.make_runner() for _, candidate in measured]
     try:
         for runner in runners:
             runner.activate()
         measured, runners = _without_unhonoured_hints(measured, runners)
         log(f"measuring latency of {len(runners)} backends round-robin "
             f"({warmup} warm-up + {iterations} calls each)")
-        for (row, _), runner, stats in zip(measured, runners,
-                                           measure_interleaved(runners, feed, warmup, iterations)):
+        stats = measure_interleaved(runners, feed, warmup, iterations)
+        for (row, _), runner, latency in zip(measured, runners, stats):
             row.settings = runner.settings
-            row.median_ms, row.p90_ms, row.p99_ms = (stats["median_ms"], stats["p90_ms"],
-                                                      stats["p99_ms"])
-            row.fps = 1000.0 / stats["mean_ms"]
+            row.median_ms, row.p90_ms, row.p99_ms = (latency["median_ms"], latency["p90_ms"],
+                                                      latency["p99_ms"])
+            row.fps = 1000.0 / latency["mean_ms"]
     finally:
         for runner in runners:
             runner.deactivate()
+    for row, _ in measured:
+        row.speedup_vs_pytorch = measured[0][0].median_ms / row.median_ms
+    return measured, runners
+
+
+def measure_accuracy(measured, runners, data, samples, log) -> None:
+    """mIoU of each row on the held-out scenes (``samples()``), and its pixel agreement with the
+    first row's labels (PyTorch, the ground truth)."""
     reference_labels = None
-    base_median = measured[0][0].median_ms
     for (row, candidate), runner in zip(measured, runners):
         log(f"accuracy of {candidate.format} {candidate.precision}")
         labels: dict = {}
         with runner:
             metrics = evaluate_pipeline(SegmentationPipeline(runner, data), samples(),
                                         keep_labels(labels), reference_labels)
-        if candidate.backend == "openvino":
-            throughput_runner = candidate.make_runner()
-            throughput_runner.mode = "throughput"
-            with throughput_runner:
-                row.fps = throughput_runner.throughput(feed)
-        if reference_labels is None:  # the first row, PyTorch, is the ground truth
+        if reference_labels is None:
             reference_labels = labels
         row.miou = metrics["mIoU"]
         row.agreement_vs_pytorch = metrics.get("pixel_agreement", 1.0)
-        row.speedup_vs_pytorch = base_median / row.median_ms
-    return rows
+
+
+def measure_throughput(measured, feed: dict) -> None:
+    """Frames per second of the rows that have a throughput mode (every parallel request busy);
+    the others keep 1 / mean latency."""
+    for row, candidate in measured:
+        if candidate.throughput:
+            runner = candidate.make_runner()
+            runner.mode = "throughput"
+            with runner:
+                row.fps = runner.throughput(feed)
 
 
 def _without_unhonoured_hints(measured, runners):
     """Drop (and mark skipped) the rows whose runner computes in another precision than asked:
     OpenVINO runs the bf16 hint in f32 on CPUs without native bf16."""
-    from lrformer_edge.artifacts.runner import unhonoured_hint
-
     kept = []
     for (row, candidate), runner in zip(measured, runners):
         settings = runner.settings
@@ -307,6 +249,52 @@ def _without_unhonoured_hints(measured, runners):
     return [pair for pair, _ in kept], [runner for _, runner in kept]
 
 
+@dataclass
+class BenchmarkConfig:
+    """A benchmark as ``deploy/benchmark.py`` asks for it."""
+
+    output: Path  # benchmark.md, benchmark.json and the artifacts/ folder
+    variant: str = BUNDLED_MODEL
+    checkpoint: str | None = None  # default: the variant's bundled weights
+    input_size: tuple[int, int] | None = None  # default: the variant's native size
+    eval_images: int = 20
+    iterations: int = 30
+    warmup: int = 5
+    calibration_source: str = PROCEDURAL
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    calibration_seed: int = 0
+    threads: int | None = None  # default: PyTorch's thread count (ORT and OpenVINO: their own)
+    all_formats: bool = False
+    int8_targets: tuple[str, ...] = (DEFAULT_INT8_TARGET,)
+
+
+def write_benchmark(config: BenchmarkConfig, log=print) -> str:
+    """Run the benchmark ``config`` asks for and write ``benchmark.md`` and ``benchmark.json``
+    into ``config.output``; returns the Markdown table. Bad input (variant, checkpoint, input
+    size, calibration images) is a ValueError raised before anything is exported."""
+    model = create_model(config.variant, checkpoint=config.checkpoint)
+    size = check_export_size(model, config.input_size, config.calibration_images)
+    # Unreadable calibration images would otherwise surface after minutes of exports.
+    check_calibration_source(config.calibration_source, config.calibration_images,
+                             config.calibration_seed)
+    output = Path(config.output)
+    rows = run_benchmark(
+        model, size, output / "artifacts", eval_images=config.eval_images,
+        iterations=config.iterations, warmup=config.warmup,
+        calibration_images=config.calibration_images,
+        calibration_source=config.calibration_source, calibration_seed=config.calibration_seed,
+        threads=config.threads, log=log, all_formats=config.all_formats,
+        int8_targets=config.int8_targets)
+    title = benchmark_title(model.config.name, size, config.threads or torch.get_num_threads(),
+                            config.eval_images)
+    table = markdown_table(rows, title, cpu_notes())
+    atomic_write(output / "benchmark.md", lambda tmp: Path(tmp).write_text(table))
+    atomic_write(output / "benchmark.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"title": title, "cpu": host_cpu().as_dict(), "rows": rows_as_json(rows)}, indent=1,
+        default=str)))
+    return table
+
+
 def benchmark_title(model_name: str, input_size, threads: int, eval_images: int) -> str:
     """The title of a benchmark, naming the CPU and its ISA: every timing depends on them."""
     return (f"{model_name} at {input_size[0]}x{input_size[1]}, batch 1, "
@@ -317,9 +305,3 @@ def cpu_notes() -> list[str]:
     """Where INT8 or bf16 cannot be fast on this CPU, said under the table."""
     note = host_cpu().int8_note()
     return [f"This CPU: {note}."] if note else []
-
-
-
-
-
-

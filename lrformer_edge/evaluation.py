@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
-from lrformer_edge.backends.coreml.export import proxy_model
 from lrformer_edge.data.datasets import IGNORE_INDEX, Sample
 from lrformer_edge.data.procedural import generate_scene
 from lrformer_edge.data.splits import TEST_SEED_START
 from lrformer_edge.metrics import ConfusionMatrix
+from lrformer_edge.pipeline import SegmentationPipeline
 
 
 def procedural_validation_samples(count: int, size: tuple[int, int] = (512, 512),
@@ -67,8 +66,6 @@ def against_ground_truth(model, pipeline, samples: Iterable[Sample],
                          input_size: tuple[int, int]) -> dict:
     """mIoU of ``pipeline`` and of the FP32 PyTorch ``model`` (the ground truth) on the same
     samples, the mIoU delta in points and the pixel agreement between the two."""
-    from lrformer_edge.pipeline import SegmentationPipeline
-
     samples = list(samples)
     reference_labels: dict = {}
     with SegmentationPipeline.from_model(model, input_size) as reference:
@@ -88,22 +85,14 @@ def describe_against_ground_truth(result: dict, name: str) -> str:
             f"{100 * result['pixel_agreement']:.2f}%, median {result['median_ms']:.0f} ms")
 
 
-def proxy_accuracy(model, package: str | Path, images: int = 20, calibration=None) -> dict:
-    """mIoU of the PyTorch proxy of ``package`` and of the FP32 ``model`` on ``images`` held-out
-    procedural scenes, with their pixel agreement (``evaluation.against_ground_truth``)."""
-    from lrformer_edge.evaluation import (
-        against_ground_truth,
-        procedural_validation_samples,
-    )
-    from lrformer_edge.pipeline import SegmentationPipeline
-
-    proxy = proxy_model(model, package, calibration=calibration)
-    size = proxy.package_input_size
-    samples = procedural_validation_samples(images)
-    result = against_ground_truth(model, SegmentationPipeline.from_model(proxy, size), samples,
-                                  size)
+def proxy_accuracy(model, proxy, images: int, input_size) -> dict:
+    """mIoU of ``proxy`` (a PyTorch model computing what an artifact computes where the artifact
+    cannot run, e.g. ``backends.coreml.export.proxy_model`` of a Core ML package) and of the FP32
+    ``model`` on ``images`` held-out procedural scenes at the artifact's ``input_size``, with
+    their pixel agreement (``against_ground_truth``)."""
+    size = tuple(input_size)
+    result = against_ground_truth(model, SegmentationPipeline.from_model(proxy, size),
+                                  procedural_validation_samples(images, size), size)
     return {"images": result["images"], "fp32_mIoU": result["reference_mIoU"],
             "proxy_mIoU": result["mIoU"], "pixel_agreement": result["pixel_agreement"],
-            "weights_read_back": proxy.package_weights_loaded}
-
-
+            "weights_read_back": getattr(proxy, "package_weights_loaded", None)}

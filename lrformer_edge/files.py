@@ -1,10 +1,15 @@
-"""TODO docstring."""
+"""Low-level file helpers every layer uses: SHA-256 of a file, atomic writes (temp file, then
+rename), output-path checks that run before any work starts."""
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+# The names a PyTorch checkpoint may have: what models.checkpoint reads and the pytorch backend
+# runs. Here, below both, because the registry must load without PyTorch.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -14,9 +14,10 @@ from lrformer_edge.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     COCO_STUFF_CLASSES,
+    PROCEDURAL_CLASSES,
+    PROCEDURAL_PALETTE,
     distinct_palette,
 )
-from lrformer_edge.data.procedural import PROCEDURAL_CLASSES, PROCEDURAL_PALETTE
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
@@ -165,6 +166,18 @@ def get_config(name: str) -> ModelConfig:
         raise KeyError(
             f"unknown model {name!r}; registered models: {', '.join(list_models())}"
         ) from None
+
+
+def input_size_of(model_or_config, input_size=None) -> tuple[int, int]:
+    """The input size to use: ``input_size`` where given, else the variant's native size (its
+    training crop). Every exporter, runner and command takes its default size from here.
+
+    ``model_or_config``: a model from ``create_model``, a ModelConfig or a DataConfig."""
+    if input_size:
+        return tuple(int(v) for v in input_size)
+    config = getattr(model_or_config, "config", model_or_config)
+    data = getattr(config, "data", config)
+    return tuple(data.native_size)
 
 
 def with_num_classes(config: ModelConfig, num_classes: int) -> ModelConfig:

@@ -39,6 +39,8 @@ import math
 import os
 from pathlib import Path
 
+from lrformer_edge.registry import get_config, input_size_of
+
 GIB = 2**30
 MIB = 2**20
 SAFETY = 1.25  # measured figures are rounded up by this factor
@@ -59,8 +61,6 @@ MEASURED_EXPORT = {"lrformer-test": (100, 1000), "lrformer-t": (440, 2300),
 def _export_costs(arch) -> tuple[int, int]:
     """(fixed bytes, per-pixel bytes) of an architecture's export, rounded up; the largest
     measured ones for an architecture that was not measured."""
-    from lrformer_edge.registry import get_config
-
     costs = {get_config(name).arch: (math.ceil(SAFETY * fixed * MIB), math.ceil(SAFETY * pixel))
              for name, (fixed, pixel) in MEASURED_EXPORT.items()}
     return costs.get(arch, tuple(max(values) for values in zip(*costs.values())))
@@ -177,12 +177,15 @@ def check_memory(model_or_config, size, task: str = "export", calibration_images
         f"{_amount(available)} are available; {advice}")
 
 
-def check_export_size(model_or_config, size, calibration_images: int = 0) -> tuple[int, int]:
-    """An export's input size: multiples of 32 (else the nearest valid size is named) and within
-    the memory this machine has (else the estimate and the largest size that fits are named)."""
-    from lrformer_edge.models.deploy import check_input_size
+def check_export_size(model_or_config, size=None, calibration_images: int = 0) -> tuple[int, int]:
+    """An export's input size: ``size``, else the variant's native size (``input_size_of``),
+    multiples of 32 (else the nearest valid size is named) and within the memory this machine has
+    (else the estimate and the largest size that fits are named)."""
+    from lrformer_edge.models.deploy import (
+        check_input_size,  # PyTorch: only for exports
+    )
 
-    size = check_input_size(size)
+    size = check_input_size(input_size_of(model_or_config, size))
     config = getattr(model_or_config, "config", model_or_config)
     check_memory(config, size, "export", calibration_images, what=f"exporting {config.name}")
     return size

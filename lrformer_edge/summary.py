@@ -5,6 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lrformer_edge.models.deploy import check_input_size
+from lrformer_edge.models.factory import create_model
+from lrformer_edge.registry import input_size_of
+from lrformer_edge.resources import check_memory
+
 
 @dataclass
 class ModelSummary:
@@ -38,14 +43,11 @@ def count_gmacs(model: torch.nn.Module, input_size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def summarize(variant: str, input_size: tuple[int, int] = (512, 512),
+def summarize(variant: str, input_size: tuple[int, int] | None = None,
               num_classes: int | None = None) -> ModelSummary:
-    from lrformer_edge.models.deploy import check_input_size
-    from lrformer_edge.models.factory import create_model
-    from lrformer_edge.resources import check_memory
-
-    input_size = check_input_size(input_size)
+    """Parameters and GMACs of ``variant`` at ``input_size`` (default: its native size)."""
     model = create_model(variant, num_classes=num_classes, pretrained=False)
+    input_size = check_input_size(input_size_of(model, input_size))
     check_memory(model, input_size, "forward", what=f"counting the GMACs of {variant}")
     return ModelSummary(variant, model.num_classes, tuple(input_size),
                         count_parameters(model), count_gmacs(model, input_size))

@@ -6,6 +6,8 @@ gradient clipping at 35, random rescale (ratio 0.5-2.0 of the test scale), rando
 cat_max_ratio 0.75, horizontal flip, photometric distortion, cross-entropy with ignore index 255.
 Checkpoints use mmseg's layout (``{'meta', 'state_dict', 'optimizer'}``), so ours and the
 official ones are interchangeable, and ``resume`` continues from the latest one exactly.
+The loop's building blocks (process start, endless batches, DDP wrapping, evaluation, logging)
+are QAT's too (``lrformer_edge.quant.qat``).
 """
 from __future__ import annotations
 
@@ -22,12 +24,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lrformer_edge.artifacts.result import run_export_cli
+from lrformer_edge.backends.pytorch.runner import TorchRunner
 from lrformer_edge.data.datasets import IGNORE_INDEX, SegmentationDataset, open_dataset
+from lrformer_edge.evaluation import confusion_of
 from lrformer_edge.models.checkpoint import (
     load_into,
     read_state_dict,
     save_mmseg_checkpoint,
 )
+from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.preprocess import normalize, rescale_size
 
 
@@ -100,6 +106,30 @@ def training_device(info: DistInfo) -> torch.device:
     return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def start_process(seed: int, threads: int | None) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (if any), pick this process's device, set its
+    torch threads and seed it (each rank its own random stream)."""
+    info = init_distributed()
+    if threads:
+        torch.set_num_threads(threads)
+    _seed_everything(seed + info.rank)
+    return info, training_device(info)
+
+
+def data_parallel(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``model`` wrapped for DDP when several processes train, else itself."""
+    if info.world_size <= 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+
+
+def log_main(info: DistInfo, message: str, log=print) -> None:
+    """Every process runs the same loop; the main one speaks."""
+    if info.is_main:
+        log(message)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -152,6 +182,28 @@ class AugmentedSegmentation(torch.utils.data.Dataset):
         return image[y:y + crop_h, x:x + crop_w], label[y:y + crop_h, x:x + crop_w]
 
 
+def training_batches(dataset: AugmentedSegmentation, batch_size: int, info: DistInfo, seed: int,
+                     start_iter: int = 0, num_workers: int = 0):
+    """Endless (images, labels) batches, reshuffled each epoch (sharded under DDP); a resumed run
+    starts at the epoch ``start_iter`` falls in, so its shuffling continues as it would have."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, info.world_size, info.rank, shuffle=True, seed=seed) \
+        if info.world_size > 1 else None
+    epoch = start_iter * batch_size * info.world_size // max(1, len(dataset))
+    while True:
+        dataset.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        # Without DDP the seeded generator makes the shuffle; the sampler shuffles by its own seed.
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch) if sampler is None \
+            else None
+        yield from torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None,
+            drop_last=True, num_workers=num_workers, persistent_workers=False,
+            generator=generator)
+        epoch += 1
+
+
 def photometric_distortion(image: np.ndarray, rng) -> np.ndarray:
     """Brightness, contrast, saturation and hue jitter, each applied with probability 1/2."""
     import cv2
@@ -199,17 +251,15 @@ def lr_factor(iteration: int, total: int, warmup: int, start_factor: float) -> f
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: nn.Module, dataset: SegmentationDataset, data_config, device,
-             max_images: int | None = None, info: DistInfo | None = None) -> dict:
-    """Whole-image mIoU through the deploy pipeline's path; shards over processes when DDP."""
-    from lrformer_edge.backends.pytorch.runner import TorchRunner
-    from lrformer_edge.evaluation import confusion_of
-    from lrformer_edge.pipeline import SegmentationPipeline
-
+def evaluate(model: nn.Module, dataset, data_config, device, max_images: int | None = None,
+             info: DistInfo | None = None, input_size=None) -> dict:
+    """mIoU through the deploy pipeline's path, whole images or at the fixed ``input_size`` of a
+    deploy-form model; shards over processes when DDP. ``dataset``: any indexable of samples."""
     info = info or DistInfo()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = (dataset[i] for i in range(info.rank, count, info.world_size))
-    with SegmentationPipeline(TorchRunner(model, device=str(device)), data_config) as pipeline:
+    runner = TorchRunner(model, input_size=input_size, device=str(device))
+    with SegmentationPipeline(runner, data_config, input_size) as pipeline:
         matrix, _ = confusion_of(pipeline, shard)
     return summed_over_processes(matrix, info).compute()
 
@@ -217,8 +267,6 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, data_config, device
 def summed_over_processes(matrix, info: DistInfo):
     """The confusion matrix of every process's shard together (all-reduce under DDP)."""
     if info.world_size > 1:
-        import torch.distributed as dist
-
         totals = torch.from_numpy(matrix.matrix)
         dist.all_reduce(totals)
         matrix.matrix = totals.numpy()
@@ -228,133 +276,156 @@ def summed_over_processes(matrix, info: DistInfo):
 # ----------------------------------------------------------------------------- the loop
 
 
-def _log(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(message, flush=True)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def is_due(done: int, interval: int, total: int) -> bool:
+    """Whether a periodic step (logging, validation, checkpoint) runs after iteration ``done``."""
+    return done % interval == 0 or done == total
+
+
+class StepClock:
+    """Seconds per iteration over the last logging window, and the time left."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.window_start = time.time()
+
+    def lap(self, done: int, window: int) -> str:
+        per_iter = (time.time() - self.window_start) / window
+        self.window_start = time.time()
+        return f"{per_iter:.2f} s/iter  eta {per_iter * (self.total - done) / 60:.1f} min"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class _Run:
+    """A training run's state, shared by its steps."""
+
+    config: TrainConfig
+    info: DistInfo
+    device: torch.device
+    work_dir: Path
+    model: nn.Module
+    val_set: SegmentationDataset
+    optimizer: torch.optim.Optimizer
+    wrapped: nn.Module | None = None
+    start_iter: int = 0
+    best: dict = field(default_factory=lambda: {"mIoU": -1.0, "iter": 0})
+    history: list = field(default_factory=list)
+
+
 def train(config: TrainConfig) -> dict:
     """Train ``config.variant`` on ``config.data``; returns the final summary (also in JSON)."""
-    from lrformer_edge.models.factory import create_model
-
-    info = init_distributed()
-    device = training_device(info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    _seed_everything(config.seed + info.rank)
-    work_dir = Path(config.work_dir)
-
+    info, device = start_process(config.seed, config.threads)
     train_set = open_dataset(config.data, "train", config.dataset_format)
     val_set = open_dataset(config.data, "val", config.dataset_format)
+    model = _model_for(config, train_set)
+    work_dir = Path(config.work_dir)
+    if info.is_main:  # only now: bad data or a bad checkpoint leave no empty work dir behind
+        work_dir.mkdir(parents=True, exist_ok=True)
+    run = _start_run(config, info, device, work_dir, model, val_set)
+    data = model.config.data
+    batches = training_batches(
+        AugmentedSegmentation(train_set, data.mean, data.std, data.test_scale, config.crop_size,
+                              config.scale_range, config.seed),
+        config.batch_size, info, config.seed, run.start_iter, config.num_workers)
+    log_main(info, f"training {config.variant} ({data.num_classes} classes) on "
+                   f"{len(train_set)} images, {info.world_size} process(es) on {device}, "
+                   f"iterations {run.start_iter}..{config.iters}", _print)
+    started, clock = time.time(), StepClock(config.iters)
+    for iteration in range(run.start_iter, config.iters):
+        loss = _train_step(run, next(batches), iteration)
+        _after_step(run, iteration + 1, loss, clock)
+    summary = {"variant": config.variant, "iters": config.iters, "best": run.best,
+               "history": run.history, "train_minutes": (time.time() - started) / 60,
+               "world_size": info.world_size, "device": str(device),
+               "config": _jsonable(asdict(config))}
+    return finish_run(info, work_dir, summary)
+
+
+def _model_for(config: TrainConfig, train_set: SegmentationDataset) -> nn.Module:
+    """The variant with a head for the dataset's classes (or the checkpoint's), named after them."""
+    from lrformer_edge.models.factory import create_model
+
     model = create_model(config.variant, checkpoint=config.checkpoint, pretrained=False,
                          drop_path_rate=config.drop_path_rate,
                          num_classes=None if config.checkpoint else
                          (len(train_set.class_names) if train_set.class_names else None))
     _check_classes(train_set, model.config.data)
     model.config = _with_dataset_classes(model.config, train_set)
-    if info.is_main:  # only now: bad data or a bad checkpoint leave no empty work dir behind
-        work_dir.mkdir(parents=True, exist_ok=True)
-    data_config = model.config.data
-    model.to(device)
+    return model
 
+
+def _start_run(config: TrainConfig, info: DistInfo, device: torch.device, work_dir: Path,
+               model: nn.Module, val_set: SegmentationDataset) -> _Run:
+    """Optimizer, the resumed state where asked, and the DDP wrapping."""
+    model.to(device)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.lr, config.weight_decay, config.head_lr_mult),
         lr=config.lr, betas=(0.9, 0.999))
-    start_iter, best = 0, {"mIoU": -1.0, "iter": 0}
+    run = _Run(config, info, device, work_dir, model, val_set, optimizer)
     latest = work_dir / "latest.pth"
     if config.resume and latest.is_file():
-        start_iter, best = _resume(latest, model, optimizer)
-        _log(info, f"resumed from {latest} at iteration {start_iter}")
+        run.start_iter, run.best = _resume(latest, model, optimizer)
+        log_main(info, f"resumed from {latest} at iteration {run.start_iter}", _print)
+    if info.world_size > 1 and device.type == "cuda":
+        run.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    run.wrapped = data_parallel(run.model, info, device)
+    return run
 
-    if info.world_size > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if device.type == "cuda" else None)
-    else:
-        wrapped = model
 
-    augmented = AugmentedSegmentation(train_set, data_config.mean, data_config.std,
-                                      data_config.test_scale, config.crop_size,
-                                      config.scale_range, config.seed)
-    sampler = torch.utils.data.DistributedSampler(
-        augmented, info.world_size, info.rank, shuffle=True, seed=config.seed) \
-        if info.world_size > 1 else None
-    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers,
-                       drop_last=True, persistent_workers=False)
-    epoch = start_iter * config.batch_size * info.world_size // max(1, len(augmented))
+def _train_step(run: _Run, batch, iteration: int) -> torch.Tensor:
+    """One optimizer step at the scheduled learning rate; returns the loss."""
+    config = run.config
+    run.wrapped.train()
+    factor = lr_factor(iteration, config.iters, config.warmup_iters, config.warmup_start_factor)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    images, labels = (tensor.to(run.device) for tensor in batch)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.amp):
+        logits = run.wrapped(images)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), config.clip_grad)
+    run.optimizer.step()
+    return loss
 
-    def batches():
-        nonlocal epoch
-        while True:
-            augmented.epoch = epoch
-            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-                loader = torch.utils.data.DataLoader(augmented, sampler=sampler, **loader_args)
-            else:
-                loader = torch.utils.data.DataLoader(augmented, shuffle=True,
-                                                     generator=generator, **loader_args)
-            yield from loader
-            epoch += 1
 
-    _log(info, f"training {config.variant} ({data_config.num_classes} classes) on "
-               f"{len(train_set)} images, {info.world_size} process(es) on {device}, "
-               f"iterations {start_iter}..{config.iters}")
-    stream = batches()
-    started, window_start = time.time(), time.time()
-    history = []
-    for iteration in range(start_iter, config.iters):
-        wrapped.train()
-        factor = lr_factor(iteration, config.iters, config.warmup_iters,
-                           config.warmup_start_factor)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        images, labels = next(stream)
-        images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            logits = wrapped(images)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad:
-            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.clip_grad)
-        optimizer.step()
+def _after_step(run: _Run, done: int, loss: torch.Tensor, clock: StepClock) -> None:
+    """Logging, validation (the best kept) and checkpoints, each at its interval."""
+    config, info = run.config, run.info
+    if is_due(done, config.log_interval, config.iters):
+        log_main(info, f"iter {done}/{config.iters}  loss {loss.item():.4f}  "
+                       f"lr {run.optimizer.param_groups[0]['lr']:.2e}  "
+                       f"{clock.lap(done, config.log_interval)}", _print)
+    if is_due(done, config.val_interval, config.iters):
+        _validate(run, done)
+    if info.is_main and is_due(done, config.checkpoint_interval, config.iters):
+        _save(run.work_dir / "latest.pth", run.model, run.optimizer, done, run.best, config,
+              run.model.config.data)
+    if info.world_size > 1 and done % config.checkpoint_interval == 0:
+        dist.barrier()
 
-        done = iteration + 1
-        if done % config.log_interval == 0 or done == config.iters:
-            elapsed = time.time() - window_start
-            per_iter = elapsed / config.log_interval
-            eta = per_iter * (config.iters - done)
-            _log(info, f"iter {done}/{config.iters}  loss {loss.item():.4f}  "
-                       f"lr {optimizer.param_groups[0]['lr']:.2e}  {per_iter:.2f} s/iter  "
-                       f"eta {eta / 60:.1f} min")
-            window_start = time.time()
-        if done % config.val_interval == 0 or done == config.iters:
-            metrics = evaluate(model, val_set, data_config, device, config.val_max_images, info)
-            history.append({"iter": done, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
-            _log(info, f"iter {done}: val mIoU {100 * metrics['mIoU']:.2f}  "
-                       f"aAcc {100 * metrics['aAcc']:.2f}")
-            if metrics["mIoU"] > best["mIoU"]:
-                best = {"mIoU": metrics["mIoU"], "iter": done, "IoU": metrics["IoU"]}
-                if info.is_main:
-                    _save(work_dir / "best_mIoU.pth", model, None, done, best, config, data_config)
-        if info.is_main and (done % config.checkpoint_interval == 0 or done == config.iters):
-            _save(latest, model, optimizer, done, best, config, data_config)
-        if info.world_size > 1 and done % config.checkpoint_interval == 0:
-            dist.barrier()
 
-    summary = {"variant": config.variant, "iters": config.iters, "best": best,
-               "history": history, "train_minutes": (time.time() - started) / 60,
-               "world_size": info.world_size, "device": str(device),
-               "config": _jsonable(asdict(config))}
-    return finish_run(info, work_dir, summary)
+def _validate(run: _Run, done: int) -> None:
+    config, data = run.config, run.model.config.data
+    metrics = evaluate(run.model, run.val_set, data, run.device, config.val_max_images, run.info)
+    run.history.append({"iter": done, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
+    log_main(run.info, f"iter {done}: val mIoU {100 * metrics['mIoU']:.2f}  "
+                       f"aAcc {100 * metrics['aAcc']:.2f}", _print)
+    if metrics["mIoU"] > run.best["mIoU"]:
+        run.best = {"mIoU": metrics["mIoU"], "iter": done, "IoU": metrics["IoU"]}
+        if run.info.is_main:
+            _save(run.work_dir / "best_mIoU.pth", run.model, None, done, run.best, config, data)
 
 
 def finish_run(info: DistInfo, work_dir: Path, summary: dict) -> dict:
@@ -362,8 +433,6 @@ def finish_run(info: DistInfo, work_dir: Path, summary: dict) -> dict:
     if info.is_main:
         (Path(work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     if info.world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     return summary
@@ -415,6 +484,24 @@ def _resume(path: Path, model: nn.Module, optimizer) -> tuple[int, dict]:
     meta = payload.get("meta", {})
     best = {"mIoU": meta.get("best_mIoU") or -1.0, "iter": meta.get("best_iter") or 0}
     return int(meta.get("iter", 0)), best
+
+
+def run_training(config: TrainConfig, export_bundled: str | Path | None = None) -> int:
+    """``calibration/train.py``: train, then (main process) write WORK_DIR/best_mIoU.pth as
+    bundled weights to ``export_bundled`` where given; the exit code. Bad data, checkpoints or
+    options give one line on stderr and 2, with nothing written."""
+    code, summary = run_export_cli(lambda: train(config))
+    if code:
+        return code
+    best = summary["best"]
+    print(f"best val mIoU {100 * best['mIoU']:.2f} at iteration {best['iter']} "
+          f"({summary['train_minutes']:.1f} min)")
+    if export_bundled and os.environ.get("RANK", "0") == "0":
+        code, path = run_export_cli(lambda: export_bundled_weights(
+            Path(config.work_dir) / "best_mIoU.pth", export_bundled))
+        if path:
+            print(f"wrote {path}")
+    return code
 
 
 def export_bundled_weights(checkpoint: str | Path, output: str | Path) -> Path:

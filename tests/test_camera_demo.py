@@ -287,6 +287,18 @@ def test_cli_variant_reaches_a_checkpoint_that_does_not_record_one(tmp_path):
     assert not (tmp_path / "wrong.avi").exists()
 
 
+def test_a_runner_option_its_backend_lacks_is_one_clear_error(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    export_onnx(create_model("lrformer-test"), path, (64, 64))
+    folder = _image_folder(tmp_path / "images", 1)
+    run = _demo("--artifact", str(path), "--precision", "bf16", "--source", str(folder),
+                "--output", "out.avi", cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr == (f"error: --precision applies to OpenVINO IR artifacts only, not to "
+                          f"{path}\n")
+    assert not (tmp_path / "out.avi").exists()
+
+
 def test_load_runner_rejects_a_variant_an_exported_artifact_contradicts(tmp_path):
     from lrformer_edge.backends import load_runner
 

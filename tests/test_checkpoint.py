@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 import lrformer_edge
+from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.models.checkpoint import CheckpointError, save_mmseg_checkpoint
+from lrformer_edge.registry import input_size_of
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,25 @@ def test_num_classes_comes_from_the_checkpoint(tmp_path):
     assert model.config.name == "lrformer-t.cityscapes"  # its class names, not placeholders
     with pytest.raises(CheckpointError, match="19-class head but num_classes=150"):
         lrformer_edge.create_model("lrformer-t", checkpoint=path, num_classes=150)
+    # The switch is said, and recorded in every artifact beside the variant it led to.
+    assert model.requested_variant == "lrformer-t"
+    assert model.variant_note == ("checkpoint has 19 classes: using variant "
+                                  "lrformer-t.cityscapes (native size 1024x1024)")
+    assert input_size_of(model) == (1024, 1024)  # every exporter's default size
+    metadata = decode_metadata(artifact_metadata(model, (64, 64)))
+    assert metadata["variant"] == "lrformer-t.cityscapes"
+    assert metadata["requested_variant"] == "lrformer-t"
+
+
+def test_no_switch_no_note(tmp_path, trained_state):
+    save_mmseg_checkpoint(trained_state, tmp_path / "same.pth")
+    model = lrformer_edge.create_model("lrformer-test", checkpoint=tmp_path / "same.pth")
+    assert model.variant_note is None and model.requested_variant == "lrformer-test"
+    assert "requested_variant" not in decode_metadata(artifact_metadata(model, (64, 64)))
+    assert input_size_of(model) == (512, 512) and input_size_of(model, (64, 96)) == (64, 96)
+    asked = lrformer_edge.create_model("lrformer-test", num_classes=19)
+    assert asked.variant_note == ("num_classes=19: using variant lrformer-test[19 classes] "
+                                  "(native size 512x512)")
 
 
 def test_custom_class_count_gets_placeholder_names(tmp_path, trained_state):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
+import lrformer_edge
+from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
 from lrformer_edge.data.procedural import generate_scene
+from lrformer_edge.models.checkpoint import save_mmseg_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +71,45 @@ def test_deploy_parity_cli():
     assert result.stdout.count("deploy: max-abs") == 2 and "onnxruntime: max-abs" in result.stdout
     bad = run("deploy/deploy_parity.py", "--sizes", "100x100")
     assert bad.returncode == 2 and "multiples of 32" in bad.stderr
+
+
+def _validation_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if "procedural validation images" in line)
+
+
+def test_to_onnx_says_which_variant_the_checkpoint_chose_and_validates(tmp_path):
+    """A 19-class checkpoint given for a 150-class variant: the export says which variant it
+    used and records both names; --validate compares the ONNX with FP32 PyTorch."""
+    torch.manual_seed(0)
+    source = lrformer_edge.create_model("lrformer-test", num_classes=19)
+    save_mmseg_checkpoint(source.state_dict(), tmp_path / "nineteen.pth")
+    done = run("export_scripts/to_onnx.py", "--variant", "lrformer-test", "--checkpoint",
+               str(tmp_path / "nineteen.pth"), "--input-size", "64", "64", "--validate", "2",
+               "--output", str(tmp_path / "m.onnx"))
+    assert done.returncode == 0, done.stderr
+    assert ("checkpoint has 19 classes: using variant lrformer-test[19 classes] (native size "
+            "512x512)") in done.stdout.splitlines()
+    metadata = read_onnx_metadata(tmp_path / "m.onnx")
+    assert metadata["variant"] == "lrformer-test[19 classes]"
+    assert metadata["requested_variant"] == "lrformer-test"
+    line = _validation_line(done.stdout)
+    assert line.startswith("ONNX model m.onnx on 2 procedural validation images: mIoU ")
+    assert "FP32 PyTorch" in line and "points)" in line
+    agreement = float(re.search(r"pixel agreement ([\d.]+)%", line).group(1))
+    assert agreement > 99  # ONNX Runtime computes what PyTorch does
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, output, runs", [
+    ("export_scripts/to_openvino.py", "ir", "OpenVINO IR lrformer-test.xml"),
+    ("export_scripts/to_coreml.py", "m.mlpackage",
+     "Core ML package m.mlpackage" if sys.platform == "darwin"
+     else "PyTorch proxy of Core ML package m.mlpackage"),
+], ids=["openvino", "coreml"])
+def test_every_exporter_validates_the_same_way(tmp_path, script, output, runs):
+    done = run(script, "--variant", "lrformer-test", "--input-size", "64", "64",
+               "--validate", "2", "--output", str(tmp_path / output))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = _validation_line(done.stdout)
+    assert line.startswith(f"{runs} on 2 procedural validation images: mIoU ")
+    assert "FP32 PyTorch" in line and "pixel agreement" in line

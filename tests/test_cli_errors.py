@@ -2,6 +2,7 @@
 nothing written, and (where work is expensive) the refusal comes before the work."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -210,6 +211,69 @@ def test_benchmark_checks_calibration_images_before_exporting(tmp_path):
     line = error_line(done)
     assert "broken.jpg" in line and "cannot read image" in line
     assert "exporting" not in done.stdout and not (tmp_path / "bench").exists()
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "export_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _refused(module, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+# (script, the flags that make it calibrate, those of an export that does not, --output)
+EXPORTERS = [
+    ("to_openvino", ["--precision", "int8"], ["--precision", "fp32"], "ir"),
+    ("to_tensorrt", ["--int8"], ["--fp16"], "m.engine"),
+    ("to_coreml", ["--w8a8"], [], "m.mlpackage"),
+]
+
+
+@pytest.mark.parametrize("name, calibrates, plain, output", EXPORTERS,
+                         ids=[e[0] for e in EXPORTERS])
+def test_every_exporter_takes_the_same_calibration_arguments(tmp_path, capsys, name, calibrates,
+                                                             plain, output):
+    from lrformer_edge.cli import calibration_source
+    from lrformer_edge.data.calibration import DEFAULT_CALIBRATION_IMAGES, PROCEDURAL
+
+    module = _script(name)
+    out = ["--output", str(tmp_path / output)]
+    args = module.parse_args([*calibrates, *out])
+    assert (args.calib_images, args.seed, args.calib_data) == (DEFAULT_CALIBRATION_IMAGES, 0, None)
+    assert calibration_source(args) == PROCEDURAL  # an exporter has no dataset of its own
+    assert module.parse_args([*calibrates, "--calib-data", "data/ade", *out]).calib_data == \
+        "data/ade"
+    error = _refused(module, [*calibrates, "--calib-images", "0", *out], capsys)
+    assert "--calib-images must be positive, got 0" in error
+    error = _refused(module, [*plain, "--calib-data", "data/ade", *out], capsys)
+    assert "--calib-data applies to" in error and "only" in error
+
+
+@pytest.mark.parametrize("name, flags, output", [
+    ("to_onnx", [], "m.onnx"), *((e[0], e[1], e[3]) for e in EXPORTERS)],
+    ids=["to_onnx", *(e[0] for e in EXPORTERS)])
+def test_every_exporter_takes_validate(tmp_path, capsys, name, flags, output):
+    from lrformer_edge.cli import VALIDATION_IMAGES
+
+    module = _script(name)
+    out = ["--output", str(tmp_path / output)]
+    assert module.parse_args([*flags, *out]).validate is None
+    assert module.parse_args([*flags, "--validate", *out]).validate == VALIDATION_IMAGES
+    assert module.parse_args([*flags, "--validate", "7", *out]).validate == 7
+    error = _refused(module, [*flags, "--validate", "0", *out], capsys)
+    assert "--validate needs a positive number of images" in error
+
+
+def test_to_onnx_validate_needs_one_image_batches(tmp_path, capsys):
+    error = _refused(_script("to_onnx"), ["--validate", "--batch-size", "2", "--output",
+                                          str(tmp_path / "m.onnx")], capsys)
+    assert "--validate runs one image at a time" in error
 
 
 # ----------------------------------------------------------------------------- library

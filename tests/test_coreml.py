@@ -21,6 +21,7 @@ from lrformer_edge.backends.coreml.export import (
     PREVIEW_TYPE_KEY,
     CoreMLOptions,
     export_coreml,
+    proxy_model,
 )
 from lrformer_edge.backends.coreml.inspect import compare_weights, inspect_package
 from lrformer_edge.backends.coreml.runner import CoreMLRunner, CoreMLUnavailable
@@ -141,11 +142,12 @@ def test_w8a8_package_and_its_proxy(tiny, tmp_path):
     assert weights["compared"] == layers and weights["by_storage"] == {"int8": layers}
     assert weights["not_found"] == []
     assert result.metadata["calibration_set"]["sha256"] == calibration.sha256
-    accuracy = proxy_accuracy(tiny, result.path, 2, calibration)
+    accuracy = proxy_accuracy(tiny, proxy_model(tiny, result.path, calibration=calibration), 2,
+                              SIZE)
     assert accuracy["weights_read_back"] >= layers
     assert accuracy["pixel_agreement"] > 0.9
     with pytest.raises(ValueError, match="calibrated on a set with SHA-256"):
-        proxy_accuracy(tiny, result.path, 1, build_calibration_set(
+        proxy_model(tiny, result.path, calibration=build_calibration_set(
             "procedural", tiny.config.data, SIZE, 2, 1))
 
 

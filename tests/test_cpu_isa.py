@@ -257,7 +257,7 @@ def test_validation_gates_a_vnni_ir_with_exact_int8_emulated(tiny, int8_irs):
     names = tiny.config.data.class_names
     _, metrics = reference_result(reference, samples, names)
     result, _ = run_artifact(int8_irs["vnni"].path, samples, reference, metrics, names,
-                             emulate_exact_int8=True)
+                             backend_options={"openvino": {"emulate_exact_int8": True}})
     assert result.status == "ok" and result.precision == "int8"
     assert result.settings["int8_arithmetic"] == "emulated exact"
     assert "exact int8 arithmetic emulated" in result.reason and "no VNNI" not in result.reason

@@ -160,7 +160,10 @@ def test_pipeline_from_artifact_matches_torch_pipeline(randomised_tiny, tmp_path
     path = export_onnx(randomised_tiny, tmp_path / "p.onnx", (64, 96)).path
     with SegmentationPipeline.from_artifact(path) as onnx_pipeline:
         onnx_labels = onnx_pipeline(rgb_image)
-    torch_labels = SegmentationPipeline.from_model(randomised_tiny, input_size=(64, 96))(rgb_image)
+    with pytest.warns(RuntimeWarning, match="outside `with pipeline:`") as caught:
+        torch_labels = SegmentationPipeline.from_model(randomised_tiny,
+                                                       input_size=(64, 96))(rgb_image)
+    assert caught[0].filename == __file__  # the warning points at the caller
     assert onnx_labels.shape == rgb_image.shape[:2]
     assert (onnx_labels == torch_labels).mean() > 0.999
 

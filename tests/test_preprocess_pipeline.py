@@ -1,6 +1,8 @@
 """Preprocessing (official test transform), postprocessing, runner checks, the pipeline."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -113,7 +115,8 @@ def test_runner_checks_feed_before_inference(tiny_model):
 
 def test_pipeline_returns_labels_at_original_size_for_any_image_size(tiny_model, rgb_image):
     pipeline = SegmentationPipeline.from_model(tiny_model)
-    prediction = pipeline.predict(rgb_image)  # 70x90: not a multiple of 32
+    with pytest.warns(RuntimeWarning, match="outside `with pipeline:`"):
+        prediction = pipeline.predict(rgb_image)  # 70x90: not a multiple of 32
     assert prediction.labels.shape == (70, 90)
     assert prediction.input_size == network_input_size(70, 90, ADE20K.test_scale)
     assert prediction.labels.max() < 150
@@ -130,3 +133,81 @@ def test_fixed_size_pipeline_resizes_to_the_artifact_size(tiny_model, rgb_image)
     with SegmentationPipeline(runner, ADE20K) as pipeline:
         prediction = pipeline.predict(rgb_image)
     assert prediction.input_size == (64, 96) and prediction.labels.shape == (70, 90)
+
+
+def _counting_activations(runner) -> list:
+    calls = []
+    activate = runner._activate
+    runner._activate = lambda: (calls.append(1), activate())
+    return calls
+
+
+def test_pipeline_outside_its_context_activates_per_call_and_warns_once(tiny_model, rgb_image):
+    runner = TorchRunner(tiny_model, input_size=(64, 64))
+    activations = _counting_activations(runner)
+    pipeline = SegmentationPipeline(runner, ADE20K)
+    with pytest.warns(RuntimeWarning, match="activates and releases its runner on every call") \
+            as caught:
+        first = pipeline(rgb_image)
+    assert caught[0].filename == __file__  # points at the caller, not at the pipeline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        second = pipeline(rgb_image)
+    assert len(activations) == 2 and not runner.active  # loaded and released per call
+    assert (first == second).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pipeline:  # the context: one activation for every frame, no warning
+            for _ in range(3):
+                pipeline(rgb_image)
+            assert runner.active
+    assert len(activations) == 3 and not runner.active
+    assert "with pipeline:" in SegmentationPipeline.__doc__
+
+
+class _ModelStub(torch.nn.Module):
+    """Stands for a model on a CUDA device: ``to`` moves nothing (no GPU needed)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.fail = fail
+
+    def to(self, *args, **kwargs):
+        if self.fail:
+            raise RuntimeError("CUDA out of memory")
+        return self
+
+
+@pytest.fixture
+def tf32_on():
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_torch_runner_turns_tf32_off_while_active_and_restores_it(tf32_on):
+    runner = TorchRunner(_ModelStub(), device="cuda")
+    with runner:
+        assert _tf32() == (False, False)  # true fp32, as the reference tolerances assume
+    assert _tf32() == (True, True)  # the process's own setting is back
+    failing = TorchRunner(_ModelStub(fail=True), device="cuda")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failing.activate()
+    assert _tf32() == (True, True) and not failing.active
+    with TorchRunner(_ModelStub(), device="cpu"):
+        assert _tf32() == (True, True)  # CPU runs leave CUDA settings alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+def test_torch_runner_on_cuda_restores_tf32(tf32_on, tiny_model):
+    with TorchRunner(tiny_model, input_size=(64, 64), device="cuda") as runner:
+        assert _tf32() == (False, False)
+        logits = runner.infer(np.zeros((1, 3, 64, 64), np.float32))["logits"]
+    assert _tf32() == (True, True) and np.isfinite(logits).all()
+    tiny_model.to("cpu")

@@ -19,12 +19,17 @@ from lrformer_edge.data.procedural import write_ade20k_layout
 pytest.importorskip("nncf")
 
 from lrformer_edge.quant.qat import (  # noqa: E402
+    ALL_TARGETS,
+    QAT_TARGETS,
     QATConfig,
     distillation_loss,
-    export_qat_openvino,
-    export_qat_qdq_onnx,
+    export_qat_artifacts,
+    qat_backends,
+    quantizer_parameters,
+    quantizer_rules,
     restore,
     train_qat,
+    weight_target_isa,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +79,8 @@ def test_calibration_from_a_video_file(tmp_path):
     assert build_calibration_set(str(video), data, SIZE, 4, 1).sha256 == calibration.sha256
 
 
-def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_path):
+@pytest.mark.slow
+def test_qat_trains_resumes_restores_and_exports_to_every_target(dataset, tmp_path):
     work = tmp_path / "qat"
     # With the label loss too (the default is distillation only).
     summary = train_qat(_config(dataset, work, task_weight=1.0), log=lambda *_: None)
@@ -85,6 +91,8 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
 
     model, payload = restore(work / "latest.pth")
     assert payload["iteration"] == 3 and payload["target"] == "all"
+    # The PTQ figure survives a resume, so the run after the next resume still compares with it.
+    assert payload["config"]["extra"]["ptq"]["mIoU"] == summary["ptq_mIoU"] == resumed["ptq_mIoU"]
     # BatchNorm statistics stay those of the FP32 model (batches of 1-2 would only add noise).
     teacher = lrformer_edge.create_model(payload["variant"])
     statistics = [m.running_mean for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -97,9 +105,20 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
         second, _ = restore(work / "latest.pth")
         assert torch.equal(first, second(torch.from_numpy(feed)))
 
-    ir = export_qat_openvino(model, payload, tmp_path / "ov-int8", feed)
+    # Through the registry, as calibration/qat.py exports: each backend's own exporter.
+    exported = dict(zip((b.name for b in qat_backends(ALL_TARGETS)),
+                        export_qat_artifacts(work, ALL_TARGETS)))
+    ir, qdq = exported["openvino"], exported["tensorrt"]
+    assert ir.path == work / "openvino-int8" / f"{payload['variant']}-qat.xml"
+    assert qdq.path == work / "lrformer-qat-int8.onnx"
     assert ir.parity.pixel_agreement >= 0.99
     assert ir.metadata["weights_precision"] == "int8"
+    # One model for every target: portable 7-bit weights (OpenVINO is among the targets), and
+    # both artifacts say so.
+    for result in (ir, qdq):
+        assert result.metadata["quantization"]["target"] == ALL_TARGETS
+        assert result.metadata["quantization"]["weight_bits"] == 7
+        assert result.metadata["calibration_set"]["images"] == 3
     import openvino as ov
 
     ops = {op.get_type_name() for op in ov.Core().read_model(str(ir.path)).get_ops()}
@@ -108,8 +127,8 @@ def test_qat_trains_resumes_restores_and_exports_to_both_targets(dataset, tmp_pa
 
     assert pooling_matmuls(ov.Core().read_model(str(ir.path)))  # pooling stays float in QAT too
 
-    qdq = export_qat_qdq_onnx(model, payload, tmp_path / "qat.onnx", feed)
     assert qdq.parity.pixel_agreement >= 0.99
+    assert qdq.metadata["quantization"]["activation_quantizers"] > 0
     graph = onnx.load(str(qdq.path))
     assert tensorrt_problems(graph) == []
     assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) > 50
@@ -127,6 +146,108 @@ def test_restore_rejects_other_files(tmp_path):
     torch.save({"format": "lrformer-edge-qat/1", "state_dict": {}}, older)
     with pytest.raises(ValueError, match="written by an older version .* run calibration/qat.py"):
         restore(older)
+
+
+def test_qat_targets_are_the_registered_backends_that_export_qat():
+    from lrformer_edge.backends import BACKENDS
+
+    exporting = tuple(backend.name for backend in BACKENDS if backend.export_qat)
+    assert {"openvino", "tensorrt"} <= set(exporting)
+    assert QAT_TARGETS == exporting + (ALL_TARGETS,)
+    assert [backend.name for backend in qat_backends(ALL_TARGETS)] == list(exporting)
+    assert all(backend.qat_artifact_name for backend in qat_backends(ALL_TARGETS))
+    with pytest.raises(ValueError, match="target must be one of"):
+        qat_backends("coreml")  # registered, but exports no QAT model
+
+
+def test_qat_weights_keep_8_bits_only_when_every_target_sums_int8_exactly():
+    from dataclasses import replace
+
+    from lrformer_edge.backends import get_backend
+    from lrformer_edge.cpu import int8_needs_exact_accumulation
+
+    gpu, cpu = get_backend("tensorrt"), get_backend("openvino")
+    assert gpu.exact_int8_accumulation and not cpu.exact_int8_accumulation
+    npu = replace(gpu, name="npu")  # decided by the record's field, not by a name
+    for targets in ((gpu,), (npu,), (gpu, npu)):
+        assert int8_needs_exact_accumulation(weight_target_isa(targets, "portable"))
+    assert weight_target_isa((cpu,), None) == "portable"
+    assert weight_target_isa((gpu, cpu), None) == "portable"  # one model for both: 7 bits
+    assert weight_target_isa((gpu, cpu), "amx") == "amx"
+
+
+def test_quantizer_rules_come_from_the_target_backends():
+    from dataclasses import replace
+
+    import nncf
+
+    from lrformer_edge.backends import get_backend
+
+    gpu, cpu = get_backend("tensorrt"), get_backend("openvino")
+    assert quantizer_rules(nncf, (cpu,)) == {}
+    per_tensor = quantizer_rules(nncf, (gpu,))
+    assert per_tensor["activations_quantization_params"].per_channel is False
+    assert quantizer_rules(nncf, (cpu, gpu)) == per_tensor  # OpenVINO runs TensorRT's rules
+    per_channel = replace(cpu, quantizer_rules=lambda nncf: {
+        "activations_quantization_params":
+            nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=True)})
+    with pytest.raises(ValueError, match="one QAT model per target"):
+        quantizer_rules(nncf, (per_channel, gpu))
+    # What nncf.quantize gets for each target.
+    expected = {"openvino": (nncf.OverflowFix.ENABLE, None),
+                "tensorrt": (nncf.OverflowFix.DISABLE, False),
+                ALL_TARGETS: (nncf.OverflowFix.ENABLE, False)}
+    for target, (fix, activations_per_channel) in expected.items():
+        advanced = quantizer_parameters(target)["advanced_parameters"]
+        assert advanced.overflow_fix == fix
+        assert getattr(advanced.activations_quantization_params, "per_channel",
+                       None) == activations_per_channel
+
+
+def test_openvino_parity_check_emulates_exact_int8_only_where_the_host_saturates(monkeypatch):
+    from lrformer_edge import cpu
+    from lrformer_edge.backends.openvino.export import parity_emulates_exact_int8
+
+    def int8_ir(target):
+        return {"weights_precision": "int8",
+                "quantization": {"target_cpu_isa": target} if target else {}}
+
+    monkeypatch.setattr(cpu, "host_cpu", lambda: cpu.CpuInfo("AVX2 only", "x86_64", avx2=True))
+    assert parity_emulates_exact_int8(int8_ir("vnni"))
+    assert parity_emulates_exact_int8(int8_ir(None))  # NNCF's default: full-range weights
+    assert not parity_emulates_exact_int8(int8_ir("portable"))
+    assert not parity_emulates_exact_int8({"weights_precision": "fp32"})
+    monkeypatch.setattr(cpu, "host_cpu",
+                        lambda: cpu.CpuInfo("VNNI", "x86_64", avx2=True, vnni=True))
+    assert not parity_emulates_exact_int8(int8_ir("vnni"))
+
+
+def test_qat_defaults_are_the_qat_calibration_count_and_the_native_size(dataset, tmp_path):
+    from lrformer_edge.data.calibration import QAT_CALIBRATION_IMAGES
+    from lrformer_edge.quant.qat import _setup
+    from lrformer_edge.registry import get_config
+
+    config = QATConfig(data=str(dataset), work_dir=str(tmp_path / "qat"), variant="lrformer-test")
+    assert config.calib_images == QAT_CALIBRATION_IMAGES
+    run = _setup(config, log=lambda *_: None)
+    assert run.size == tuple(get_config("lrformer-test").data.native_size)
+
+
+@pytest.mark.parametrize("target", [t for t in QAT_TARGETS if t != ALL_TARGETS])
+def test_qat_cli_refuses_an_unwritable_export_before_training(dataset, tmp_path, target):
+    from lrformer_edge.quant.qat import qat_artifacts
+
+    output = tmp_path / "qat"
+    [(_, artifact)] = qat_artifacts(output, target, "lrformer-t.procedural")
+    artifact.mkdir(parents=True)  # someone else's folder where the export would go
+    (artifact / "mine.txt").write_text("keep")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "calibration/qat.py"), "--data", str(dataset), "--output",
+         str(output), "--target", target], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert artifact.name in done.stderr
+    assert [p.name for p in output.iterdir()] == [artifact.name]  # no training started
+    assert (artifact / "mine.txt").read_text() == "keep"
 
 
 @pytest.mark.slow

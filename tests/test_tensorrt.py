@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,12 @@ import lrformer_edge
 from lrformer_edge.backends import MissingDependencyError, load_runner
 from lrformer_edge.backends.onnxruntime.export import MAX_OPSET
 from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+from lrformer_edge.backends.tensorrt import cuda as trt_cuda
+from lrformer_edge.backends.tensorrt import engine as trt_engine
 from lrformer_edge.backends.tensorrt.engine import (
     EngineOptions,
     build_engine,
+    target_command,
     tensorrt_unavailable_reason,
 )
 from lrformer_edge.backends.tensorrt.export import (
@@ -29,6 +34,7 @@ from lrformer_edge.backends.tensorrt.qdq import (
     qdq_problems,
     to_signed_int8,
 )
+from lrformer_edge.backends.tensorrt.runner import TensorRTRunner
 from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
 from lrformer_edge.data.calibration import build_calibration_set
 from lrformer_edge.registry import BUNDLED_MODEL
@@ -201,6 +207,42 @@ def test_engine_runner_reports_what_it_needs(tmp_path):
         with pytest.raises((MissingDependencyError, RuntimeError),
                            match="tensorrt|NVIDIA GPU"):
             runner.activate()
+
+
+RUNTIME_EXTRA = "pip install 'lrformer-edge[tensorrt-runtime]'"
+
+
+def test_a_missing_tensorrt_runtime_names_the_extra_that_installs_it(tmp_path, monkeypatch):
+    """'tensorrt' is the extra for the Q/DQ ONNX (NNCF); TensorRT itself and cuda-python come
+    with 'tensorrt-runtime'."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt: ImportError
+    assert RUNTIME_EXTRA in tensorrt_unavailable_reason()
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(MissingDependencyError) as missing:
+        TensorRTRunner(engine).activate()
+    assert RUNTIME_EXTRA in str(missing.value) and "lrformer-edge[tensorrt]'" not in str(
+        missing.value)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(trt_engine, "cuda_gpu_name", lambda: None)
+    assert "no NVIDIA GPU" in tensorrt_unavailable_reason()
+    assert RUNTIME_EXTRA in tensorrt_unavailable_reason()
+    monkeypatch.setattr(trt_cuda, "_cudart", lambda: None)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"lrformer-edge\[tensorrt-runtime\]"):
+        trt_cuda.cuda_device()
+
+
+def test_target_command_repeats_the_engine_options_and_the_validation():
+    options = EngineOptions(workspace_mib=512, dla_core=0, timing_cache=Path("trt.cache"))
+    command = target_command(Path("out dir/m.onnx"), "int8", Path("m.engine"), options,
+                             ["--validate", "5", "--variant", "lrformer-t"])
+    assert shlex.split(command) == [
+        "python", "export_scripts/to_tensorrt.py", "--from-onnx", "out dir/m.onnx", "--int8",
+        "--output", "m.engine", "--workspace", "512", "--dla-core", "0",
+        "--timing-cache", "trt.cache", "--validate", "5", "--variant", "lrformer-t"]
 
 
 @needs_tensorrt

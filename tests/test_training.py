@@ -11,7 +11,15 @@ import torch
 
 import lrformer_edge
 from lrformer_edge.data.procedural import write_ade20k_layout
-from lrformer_edge.training import TrainConfig, lr_factor, parameter_groups, train
+from lrformer_edge.training import (
+    AugmentedSegmentation,
+    DistInfo,
+    TrainConfig,
+    lr_factor,
+    parameter_groups,
+    train,
+    training_batches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +49,26 @@ def test_head_learns_ten_times_faster_and_norms_do_not_decay():
     assert by_param[id(named["backbone.block1.0.norm1.weight"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.block3.0.layer_scale_1"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.block1.0.mlp.fc1.weight"])]["weight_decay"] == 0.01
+
+
+def test_a_resumed_run_continues_the_shuffled_batches_where_it_stopped(tiny_dataset):
+    from lrformer_edge.data.datasets import open_dataset
+
+    data = lrformer_edge.get_config("lrformer-test").data
+
+    def batches(start_iter):
+        augmented = AugmentedSegmentation(open_dataset(tiny_dataset, "train"), data.mean,
+                                          data.std, (64, 64), (64, 64), (0.5, 2.0), seed=3)
+        return training_batches(augmented, 2, DistInfo(), seed=3, start_iter=start_iter)
+
+    fresh = batches(0)
+    first_epoch = [next(fresh) for _ in range(4)]  # 8 images in batches of 2
+    second_epoch = next(fresh)
+    resumed = next(batches(4))  # iteration 4 is the first of epoch 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed, second_epoch))
+    assert not torch.equal(resumed[0], first_epoch[0][0])  # reshuffled and re-augmented
+    again = next(batches(0))
+    assert all(torch.equal(a, b) for a, b in zip(again, first_epoch[0]))  # seeded
 
 
 def _config(data, work_dir, **overrides):

@@ -251,3 +251,31 @@ def test_an_artifact_without_limits_fails_the_gate(tmp_path):
     covered = BackendResult("onnxruntime fp32 (m.onnx)", "m.onnx", "onnxruntime", "fp32",
                             pixel_agreement=1.0, miou_delta_points=0.0)
     assert check([covered], thresholds) == []
+
+
+def test_a_backend_without_a_thresholds_row_fails_the_gate(tmp_path):
+    thresholds = load_thresholds(_thresholds(
+        tmp_path, "  onnxruntime:\n    fp32: {min_pixel_agreement: 0.9999}\n"))
+    result = BackendResult("tensorrt fp16 (m.engine)", "m.engine", "tensorrt", "fp16",
+                           pixel_agreement=1.0, miou_delta_points=0.0)
+    found = check([result], thresholds)
+    assert [v.metric for v in found] == ["no limits"]
+    assert "no limits are defined for backend tensorrt precision fp16" in str(found[0])
+
+
+def test_backend_options_reach_the_runner_and_bad_ones_stop_before_any_work(artifacts, tmp_path):
+    lines = []
+    with pytest.raises(ValueError, match="openvino option precision must be one of"):
+        run_validation(ValidationConfig([artifacts["onnx"]], tmp_path / "bad", images=IMAGES,
+                                        backend_options={"openvino": {"precision": "int4"}},
+                                        log=lines.append))
+    assert lines == [] and not (tmp_path / "bad").exists()
+    if "openvino" not in artifacts:
+        pytest.skip("needs OpenVINO (pip install 'lrformer-edge[openvino]')")
+    outcome = run_validation(ValidationConfig(
+        [artifacts["openvino"], artifacts["onnx"]], tmp_path / "r", images=2,
+        backend_options={"openvino": {"precision": "f16"}}, log=lambda *_: None))
+    ir, onnx = outcome.run.results[1:]
+    assert ir.status == "ok" and ir.precision == "fp32+f16"
+    assert ir.settings["requested_precision"] == "f16"
+    assert onnx.status == "ok" and onnx.precision == "fp32"  # other backends keep theirs

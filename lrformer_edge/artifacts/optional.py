@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Optional SDKs (OpenVINO, NNCF, coremltools, TensorRT...) are imported on first use; a missing
+one raises an error naming the extra that installs it."""
 from __future__ import annotations
 
 

@@ -24,10 +24,6 @@ class RunnerStateError(RuntimeError):
     """A runner used outside ``with runner:`` (or activated twice)."""
 
 
-
-
-
-
 def cpu_settings() -> dict:
     """The CPU facts every CPU runner reports beside its own settings (timings depend on them)."""
     from lrformer_edge.cpu import host_cpu

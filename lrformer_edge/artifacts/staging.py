@@ -22,14 +22,6 @@ DISPOSABLE_FILES = {".DS_Store"}
 _SHOW = 3
 
 
-
-
-
-
-
-
-
-
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike, suffix: str = ""):
     """Yield an empty sibling folder to fill; on success it replaces ``target`` (the previous
@@ -65,7 +57,6 @@ def staged_directory(target: str | os.PathLike, suffix: str = ""):
 # Each raises ValueError with one line naming ``what`` (e.g. "--output") and the path; the
 # command-line tools call them right after parsing (lrformer_edge.cli.check_output_argument),
 # the writers call them again as the last guard.
-
 
 
 def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -120,10 +111,6 @@ def foreign_files(folder: str | os.PathLike) -> list[str]:
                 if len(found) > _SHOW:
                     return sorted(found)
     return sorted(found)
-
-
-
-
 
 
 def _write_marker(folder: Path) -> None:

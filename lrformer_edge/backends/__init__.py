@@ -1,12 +1,15 @@
-"""Runners: one interface (``with runner: runner.infer(feed)``) over every backend.
+"""The backend registry, and runners: one interface (``with runner: runner.infer(feed)``) over
+every backend.
 
-``load_runner(path)`` picks the backend from the artifact: a PyTorch checkpoint (``.pth``,
-``.pt``, ``.safetensors``), an ONNX model (``.onnx``), an OpenVINO IR (``.xml`` or its folder), a
-TensorRT engine (``.engine``/``.plan`` with its JSON sidecar) or a Core ML ``.mlpackage``
-(predicts on macOS only). SDKs are imported only when used.
+``BACKENDS`` lists every deployment target's ``Backend`` record (``backends/base.py``), the
+PyTorch ground truth first; each comes from its folder here. ``load_runner(path)`` asks them
+which one runs an artifact. Adding a backend is its folder, one line below, a thresholds row in
+``validation/thresholds.yaml`` and its tests. SDKs are imported only when used, so this module
+loads where they (and PyTorch) are missing.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from lrformer_edge.artifacts.optional import MissingDependencyError
@@ -16,10 +19,67 @@ from lrformer_edge.artifacts.runner import (
     RunnerStateError,
     TensorSpec,
 )
+from lrformer_edge.backends import coreml, onnxruntime, openvino, pytorch, tensorrt
+from lrformer_edge.backends.base import Backend
 
-TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
-TENSORRT_SUFFIXES = (".engine", ".plan")
-ARTIFACT_SUFFIXES = TORCH_SUFFIXES + (".onnx", ".xml") + TENSORRT_SUFFIXES + (".mlpackage",)
+BACKENDS: tuple[Backend, ...] = (
+    pytorch.BACKEND,
+    onnxruntime.BACKEND,
+    openvino.BACKEND,
+    tensorrt.BACKEND,
+    coreml.BACKEND,
+)
+
+GROUND_TRUTH = BACKENDS[0]  # the FP32 PyTorch model every artifact is measured against
+ARTIFACT_SUFFIXES = tuple(suffix for backend in BACKENDS for suffix in backend.suffixes)
+
+
+def get_backend(name: str) -> Backend:
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(b.name for b in BACKENDS)}")
+
+
+def artifact_kinds() -> str:
+    """Every kind of artifact a backend runs, for help texts and errors."""
+    return "; ".join(backend.artifact_kind for backend in BACKENDS)
+
+
+def backend_for(path: str | Path) -> Backend:
+    """The backend that runs an artifact: by suffix, else by what it holds (an IR folder)."""
+    path = Path(path)
+    for backend in BACKENDS:
+        if path.suffix in backend.suffixes:
+            return backend
+    for backend in BACKENDS:
+        if backend.recognises and backend.recognises(path):
+            return backend
+    raise ValueError(f"cannot tell which backend runs {path}: expected one of "
+                     f"{artifact_kinds()}")
+
+
+def resolve_backend_options(given: Mapping[str, Mapping] | None = None) -> dict[str, dict]:
+    """Every backend's runtime option values: ``given`` (backend name -> option -> value) over
+    the defaults. An unknown backend, option or value is a ValueError naming what is known."""
+    given = dict(given or {})
+    for name in given:
+        get_backend(name)
+    return {backend.name: _option_values(backend, given.get(backend.name) or {})
+            for backend in BACKENDS}
+
+
+def _option_values(backend: Backend, given: Mapping) -> dict:
+    options = {option.name: option for option in backend.runtime_options}
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        raise ValueError(f"unknown runtime option(s) {unknown} for backend {backend.name}; "
+                         f"known: {sorted(options) or 'none'}")
+    for name, value in given.items():
+        if value not in options[name].choices:
+            raise ValueError(f"{backend.name} option {name} must be one of "
+                             f"{options[name].choices}, got {value!r}")
+    return {**backend.option_defaults(), **given}
 
 
 def load_runner(path: str | Path, variant: str | None = None, **options) -> Runner:
@@ -31,51 +91,9 @@ def load_runner(path: str | Path, variant: str | None = None, **options) -> Runn
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
-    if path.suffix in TORCH_SUFFIXES:
-        from lrformer_edge.backends.pytorch.runner import TorchRunner
-        from lrformer_edge.models.checkpoint import checkpoint_variant
-        from lrformer_edge.models.factory import create_model
-
-        recorded = checkpoint_variant(path)
-        _check_variant_matches(path, variant, recorded)  # before building the wrong model
-        variant = variant or recorded
-        if variant is None:
-            raise ValueError(f"{path} does not record its variant (official checkpoints do not): "
-                             f"name it, e.g. load_runner(path, variant='lrformer-t')")
-        return TorchRunner(create_model(variant, checkpoint=path), **options)
-    runner = _exported_runner(path, **options)
-    if variant is not None:
-        _check_variant_matches(path, variant, runner.metadata.get("variant"))
-    return runner
+    return backend_for(path).open_runner(path, variant=variant, **options)
 
 
-def _check_variant_matches(path: Path, asked: str | None, recorded: str | None) -> None:
-    if asked and recorded and asked != recorded:
-        raise ValueError(f"variant {asked} was asked for, but {path} records variant "
-                         f"{recorded}: leave the variant out or name {recorded}")
-
-
-def _exported_runner(path: Path, **options) -> Runner:
-    if path.suffix == ".onnx":
-        from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(path, **options)
-    if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
-        from lrformer_edge.backends.openvino.runner import OpenVINORunner
-
-        return OpenVINORunner(path, **options)
-    if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.backends.tensorrt.runner import TensorRTRunner
-
-        return TensorRTRunner(path, **options)
-    if path.suffix == ".mlpackage":
-        from lrformer_edge.backends.coreml.runner import CoreMLRunner
-
-        return CoreMLRunner(path, **options)
-    raise ValueError(f"cannot tell which backend runs {path}: expected one of "
-                     f"{', '.join(ARTIFACT_SUFFIXES)} "
-                     f"or an OpenVINO IR folder")
-
-
-__all__ = ["MissingDependencyError", "Runner", "RunnerInputError", "RunnerStateError",
-           "TensorSpec", "load_runner"]
+__all__ = ["ARTIFACT_SUFFIXES", "BACKENDS", "GROUND_TRUTH", "Backend", "MissingDependencyError", "Runner",
+           "RunnerInputError", "RunnerStateError", "TensorSpec", "artifact_kinds",
+           "backend_for", "get_backend", "load_runner", "resolve_backend_options"]

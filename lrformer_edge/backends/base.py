@@ -56,13 +56,19 @@ def _always_available() -> str | None:
 class Backend:
     """One deployment target. Functions are plain callables (their SDK imports are lazy):
 
-    * ``open_runner(path, **options) -> Runner``
+    * ``open_runner(path, variant=None, **options) -> Runner``: ``variant`` is the registry
+      variant to assume where the artifact records none; one that contradicts the artifact's own
+      is a ValueError (``check_variant_matches``).
     * ``describe(path, options) -> ArtifactDescription``: ``options`` are the values of
       ``runtime_options`` by name (defaults filled in).
     * ``export(model, output, input_size=None, precision=..., calibration=None, **kw)
       -> ExportResult`` (None: nothing to export, e.g. PyTorch).
     * ``quantize``: the post-training quantizer the exporter uses for int8 (None: no int8).
     * ``export_qat(quantized, payload, output, feed) -> ExportResult``: a QAT model's artifact.
+    * ``quantizer_rules(nncf) -> dict``: keyword arguments of
+      ``nncf.AdvancedQuantizationParameters`` that this backend's int8 kernels require (e.g.
+      per-tensor activation scales); the QAT starting point takes those of every backend it is
+      made for.
     * ``benchmark_candidates(context) -> list[Candidate]`` (``lrformer_edge.benchmark``).
     """
 
@@ -75,12 +81,14 @@ class Backend:
     open_runner: Callable[..., Runner]
     describe: Callable[[Path, Mapping], ArtifactDescription]
     recognises: Callable[[Path], bool] | None = None  # beyond the suffix, e.g. an IR folder
+    artifact_form: str | None = None  # the artifact in words where suffixes are not all of it
     runtime_options: tuple[RuntimeOption, ...] = ()
     unavailable_reason: Callable[[], str | None] = _always_available
     export: Callable | None = None
     quantize: Callable | None = None
     export_qat: Callable | None = None
     qat_artifact_name: str | None = None  # file or folder name of the QAT export, {variant}
+    quantizer_rules: Callable[[Any], dict] | None = None
     benchmark_candidates: Callable | None = None
     # GPUs and NPUs sum int8 products in 32 bits; x86 CPUs without VNNI saturate 16-bit sums,
     # so INT8 weights for them are made 7-bit (``lrformer_edge.cpu``).
@@ -104,9 +112,35 @@ class Backend:
     def option_defaults(self) -> dict:
         return {option.name: option.default for option in self.runtime_options}
 
+    def option_flag(self, option: RuntimeOption) -> str:
+        return option.flag or f"--{self.name}-{option.name.replace('_', '-')}"
+
+    @property
+    def artifact_kind(self) -> str:
+        """For messages: "OpenVINO IR (.xml, or the folder holding one)"."""
+        return f"{self.title} ({self.artifact_form or ', '.join(self.suffixes)})"
+
     def install_hint(self) -> str:
         return (f"pip install 'lrformer-edge[{self.extra}]'" if self.extra
                 else "pip install lrformer-edge")
+
+
+def check_variant_matches(path: Path, asked: str | None, recorded: str | None) -> None:
+    if asked and recorded and asked != recorded:
+        raise ValueError(f"variant {asked} was asked for, but {path} records variant "
+                         f"{recorded}: leave the variant out or name {recorded}")
+
+
+def variant_checked(runner_class: Callable[..., Runner]) -> Callable[..., Runner]:
+    """``open_runner`` for a backend whose artifacts record their variant: a ``variant`` that is
+    given must be the recorded one."""
+    def open_runner(path: Path, variant: str | None = None, **options) -> Runner:
+        runner = runner_class(path, **options)
+        if variant is not None:
+            check_variant_matches(path, variant, runner.metadata.get("variant"))
+        return runner
+
+    return open_runner
 
 
 @dataclass
@@ -120,6 +154,9 @@ class BenchmarkContext:
     threads: int | None
     all_formats: bool  # --all: every format, not only the CPU formats of the default table
     int8_targets: tuple[str, ...]  # x86 ISAs to make CPU INT8 artifacts for (lrformer_edge.cpu)
+    # (path, **options) -> Runner of the backend that runs ``path`` (the registry's load_runner):
+    # for an artifact another backend runs, e.g. the TensorRT ONNX run by ONNX Runtime here.
+    open_runner: Callable
     log: Callable = print
 
 

@@ -68,6 +68,19 @@ COCO_STUFF_CLASSES = (
 )
 
 
+# The procedural street scenes (lrformer_edge.data.procedural draws them; the bundled model
+# predicts them).
+PROCEDURAL_CLASSES = (
+    "sky", "road", "sidewalk", "building", "vegetation", "terrain",
+    "water", "vehicle", "person", "pole", "fence", "sign",
+)
+PROCEDURAL_PALETTE = (
+    (70, 130, 180), (128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
+    (152, 251, 152), (0, 90, 200), (0, 0, 142), (220, 20, 60), (153, 153, 153),
+    (190, 153, 153), (220, 220, 0),
+)
+
+
 def distinct_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
     """A deterministic palette of well-separated colours (golden-ratio hue walk).
 
@@ -86,3 +99,4 @@ def distinct_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
 assert len(ADE20K_CLASSES) == 150, len(ADE20K_CLASSES)
 assert len(CITYSCAPES_CLASSES) == 19 and len(CITYSCAPES_PALETTE) == 19
 assert len(COCO_STUFF_CLASSES) == 171, len(COCO_STUFF_CLASSES)
+assert len(PROCEDURAL_CLASSES) == len(PROCEDURAL_PALETTE) == 12

@@ -19,15 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-PROCEDURAL_CLASSES = (
-    "sky", "road", "sidewalk", "building", "vegetation", "terrain",
-    "water", "vehicle", "person", "pole", "fence", "sign",
-)
-PROCEDURAL_PALETTE = (
-    (70, 130, 180), (128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
-    (152, 251, 152), (0, 90, 200), (0, 0, 142), (220, 20, 60), (153, 153, 153),
-    (190, 153, 153), (220, 220, 0),
-)
+from lrformer_edge.data.classes import PROCEDURAL_CLASSES, PROCEDURAL_PALETTE
+
 C = {name: index for index, name in enumerate(PROCEDURAL_CLASSES)}
 
 # Cityscapes label ids for the Cityscapes-layout writer (water has no Cityscapes class: 0).

@@ -17,6 +17,8 @@ import numpy as np
 
 from lrformer_edge.live.annotate import annotate
 from lrformer_edge.live.sources import FrameSource, SourceError
+from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.registry import BUNDLED_MODEL
 
 STAGES = ("capture", "preprocess", "inference", "postprocess")
 
@@ -146,6 +148,34 @@ class _Window:
 
     def close(self) -> None:
         self.cv2.destroyAllWindows()
+
+
+def open_pipeline(artifact: str | Path | None = None, variant: str | None = None,
+                  input_size: tuple[int, int] | None = None,
+                  runner_options: dict | None = None) -> SegmentationPipeline:
+    """What the demo runs: ``artifact`` of any backend (``runner_options`` for its runner, e.g.
+    ``{"precision": "bf16"}``), else the variant's bundled PyTorch model. ``input_size``
+    overrides an artifact's own."""
+    if artifact is None:
+        return SegmentationPipeline.from_model(_model(variant), input_size)
+    pipeline = SegmentationPipeline.from_artifact(artifact, variant=variant,
+                                                  **(runner_options or {}))
+    if input_size:
+        pipeline.input_size = tuple(input_size)
+    return pipeline
+
+
+def reference_pipeline(pipeline: SegmentationPipeline, variant: str | None = None,
+                       checkpoint: str | None = None) -> SegmentationPipeline:
+    """The FP32 PyTorch model (bundled, or ``checkpoint``) at the input size of ``pipeline``."""
+    return SegmentationPipeline.from_model(_model(variant, checkpoint), pipeline.input_size)
+
+
+def _model(variant: str | None, checkpoint: str | None = None):
+    # PyTorch loads only here: a device running an exported artifact may not have it.
+    from lrformer_edge.models.factory import create_model
+
+    return create_model(variant or BUNDLED_MODEL, checkpoint=checkpoint)
 
 
 def check_options(options: DemoOptions) -> None:

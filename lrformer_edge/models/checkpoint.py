@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lrformer_edge.files import atomic_write
+from lrformer_edge.files import CHECKPOINT_SUFFIXES, atomic_write
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 _SHOW = 8
 
 

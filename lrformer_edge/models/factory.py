@@ -32,6 +32,17 @@ def model_config(name: str, num_classes: int | None = None) -> registry.ModelCon
     return registry.with_num_classes(config, num_classes)
 
 
+def variant_note(requested: str, config: registry.ModelConfig,
+                 from_checkpoint: bool) -> str | None:
+    """One line saying that a class count chose another variant than ``requested``, else None."""
+    if config.name == requested:
+        return None
+    why = (f"checkpoint has {config.num_classes} classes" if from_checkpoint
+           else f"num_classes={config.num_classes}")
+    height, width = config.data.native_size
+    return f"{why}: using variant {config.name} (native size {height}x{width})"
+
+
 def create_model(name: str, checkpoint: str | os.PathLike | None = None,
                  num_classes: int | None = None, strict: bool = True,
                  pretrained: bool = True, drop_path_rate: float = 0.0) -> LRFormerSegmentor:
@@ -42,9 +53,15 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None,
     ``config`` (architecture, classes, palette, mean/std) and ``checkpoint_sha256`` travel
     with it into every artifact exported from it. Variants with bundled weights (the
     procedural default) load them unless ``pretrained=False``.
+
+    A class count that selects another variant (19 classes turn ``lrformer-t`` into
+    ``lrformer-t.cityscapes``, with another native size) is not silent: ``model.requested_variant``
+    keeps the name asked for, ``model.variant_note`` says what happened (None when nothing did);
+    the export commands print it and the artifact metadata records both names.
     """
     state_dict = None
     source = None
+    from_checkpoint = False
     bundled = registry.get_config(name).default_checkpoint
     if checkpoint is None and pretrained and bundled:
         if not Path(bundled).is_file():
@@ -60,12 +77,15 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None,
                 f"{source} has a {found}-class head but num_classes={num_classes} was asked for; "
                 f"leave num_classes unset to use the checkpoint's {found} classes"
             )
+        from_checkpoint = num_classes is None and found is not None
         num_classes = num_classes or found
     config = model_config(name, num_classes)
     model = LRFormerSegmentor(config.arch, config.num_classes, drop_path_rate=drop_path_rate)
     if state_dict is not None:
         load_into(model, state_dict, strict=strict, source=str(source))
     model.config = config
+    model.requested_variant = name
+    model.variant_note = variant_note(name, config, from_checkpoint)
     model.checkpoint_path = str(source) if source else None
     model.checkpoint_sha256 = file_sha256(source) if source else None
     return model.eval()

@@ -1,12 +1,13 @@
-"""Quantization-aware training with NNCF, distilled from the FP32 model.
+"""Quantization-aware training with NNCF, distilled from the FP32 model, exported by the backends.
 
-1. The deploy form at the export size is quantized by NNCF post-training quantization (the
-   starting point); ``target="tensorrt"`` or ``"all"`` uses the quantizer rules TensorRT takes
-   (symmetric int8, per-channel weights, per-tensor activations), which OpenVINO runs as well;
-   ``"openvino"`` keeps NNCF's CPU defaults. ``cpu_isa`` (default portable) sets the weight range
-   as for PTQ (``lrformer_edge.backends.nncf_support.overflow_fix``): 7-bit weights unless the OpenVINO
-   model is made for VNNI/AMX CPUs only; ``target="tensorrt"`` alone keeps full 8-bit weights
-   (GPUs accumulate int8 in 32 bits).
+1. The deploy form at the export size (default: the variant's native size) is quantized by NNCF
+   post-training quantization (the starting point), with the quantizer rules of every backend
+   the model is made for (``Backend.quantizer_rules``: TensorRT's per-tensor activations, which
+   OpenVINO runs as well, so ``target="all"`` takes them). Weights keep the full 8-bit range when
+   every target sums int8 products in 32 bits (``Backend.exact_int8_accumulation``: TensorRT
+   alone); otherwise ``cpu_isa`` (default portable) sets their range as for PTQ
+   (``lrformer_edge.backends.nncf_support.overflow_fix``): 7-bit weights unless the model is
+   made for VNNI/AMX CPUs only.
 2. Fine-tuning: the KL divergence to the FP32 teacher's softened logits (temperature ``T``,
    weight ``distill_weight``) plus, when ``task_weight`` > 0 (default 0: pure distillation, which
    keeps the model closest to the FP32 ground truth), cross-entropy on the labels; small learning
@@ -14,26 +15,61 @@
    validation split every ``val_interval`` iterations, the best kept.
 3. Checkpoints hold the NNCF config and the state dict (``nncf.torch.load_from_config`` rebuilds
    the fake-quant model), optimizer and iteration: ``resume=True`` continues.
+4. Export (``export_qat_artifacts``): each target backend's ``Backend.export_qat`` writes its
+   ``qat_artifact_name`` into the work folder, checked against the fake-quant model.
 Runs on one CPU, one GPU, or many processes under ``torchrun`` (DDP; gloo on CPU).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lrformer_edge.artifacts.optional import require
-from lrformer_edge.cpu import int8_mismatch
-from lrformer_edge.data.datasets import IGNORE_INDEX
+from lrformer_edge.artifacts.result import ExportResult, run_export_cli
+from lrformer_edge.backends import BACKENDS, get_backend
+from lrformer_edge.backends.base import Backend
+from lrformer_edge.backends.nncf_support import overflow_fix, target_isa_settings
+from lrformer_edge.cpu import resolve_int8_target
+from lrformer_edge.data.calibration import (
+    PROCEDURAL,
+    QAT_CALIBRATION_IMAGES,
+    build_calibration_set,
+)
+from lrformer_edge.data.datasets import IGNORE_INDEX, open_dataset
+from lrformer_edge.files import atomic_write
+from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.models.factory import create_model
+from lrformer_edge.registry import input_size_of
+from lrformer_edge.training import (
+    AugmentedSegmentation,
+    DistInfo,
+    StepClock,
+    data_parallel,
+    evaluate,
+    finish_run,
+    is_due,
+    log_main,
+    start_process,
+    training_batches,
+)
 
-QAT_TARGETS = ("openvino", "tensorrt", "all")
+ALL_TARGETS = "all"  # every backend that exports QAT models, from one model
+QAT_TARGETS = tuple(backend.name for backend in BACKENDS if backend.export_qat) + (ALL_TARGETS,)
 # /2: the deploy form keeps NCHW maps and its pooling MatMuls stay float, so quantizers sit at
 # other places than in /1 checkpoints, which cannot be restored onto it.
 CHECKPOINT_FORMAT = "lrformer-edge-qat/2"
+# Weights for targets that all sum int8 in 32 bits are made as for the first x86 ISA that does
+# (full 8-bit range), and the artifacts record them so.
+EXACT_ACCUMULATION_ISA = "vnni"
 
 
 @dataclass
@@ -42,9 +78,9 @@ class QATConfig:
     work_dir: str
     variant: str = "lrformer-t.procedural"
     checkpoint: str | None = None
-    target: str = "all"
+    target: str = ALL_TARGETS
     cpu_isa: str | None = None  # x86 CPUs the OpenVINO INT8 model is for (default portable)
-    input_size: tuple[int, int] = (512, 512)
+    input_size: tuple[int, int] | None = None  # default: the variant's native size
     iters: int = 300
     batch_size: int = 2  # per process
     lr: float = 1e-5
@@ -59,8 +95,8 @@ class QATConfig:
     update_bn_stats: bool = False
     val_interval: int = 100
     val_images: int = 50
-    calib_images: int = 64  # PTQ initialisation only (NNCF torch keeps statistics in memory)
-    calib_source: str | None = None  # default: the training split of --data
+    calib_images: int = QAT_CALIBRATION_IMAGES  # for the PTQ starting point (memory-bound)
+    calib_source: str | None = None  # default: the training split of ``data``
     seed: int = 0
     resume: bool = False
     threads: int | None = None
@@ -70,7 +106,6 @@ class QATConfig:
 
 def _nncf():
     import logging
-    import os
 
     # NNCF compiles its C++ extension on first use and gives up after 60 s by default, which a
     # loaded 2-core machine exceeds; a value the user set is kept.
@@ -80,36 +115,63 @@ def _nncf():
     return nncf
 
 
-def weight_target_isa(target: str, cpu_isa: str | None) -> str:
-    """The CPU ISA the QAT weights are made for: TensorRT alone needs no x86 overflow fix."""
-    from lrformer_edge.cpu import resolve_int8_target
+# ----------------------------------------------------------------------------- targets
+def qat_backends(target: str) -> tuple[Backend, ...]:
+    """The backends a QAT model for ``target`` is made for (``"all"``: every one that exports
+    QAT models)."""
+    if target not in QAT_TARGETS:
+        raise ValueError(f"target must be one of {QAT_TARGETS}, got {target!r}")
+    if target == ALL_TARGETS:
+        return tuple(backend for backend in BACKENDS if backend.export_qat)
+    return (get_backend(target),)
 
-    return "vnni" if target == "tensorrt" else resolve_int8_target(cpu_isa)
+
+def qat_artifacts(work_dir: str | Path, target: str, variant: str) -> list[tuple[Backend, Path]]:
+    """(backend, path) of each artifact the export of a QAT model for ``target`` writes."""
+    return [(backend, Path(work_dir) / backend.qat_artifact_name.format(variant=variant))
+            for backend in qat_backends(target)]
+
+
+def weight_target_isa(backends: tuple[Backend, ...], cpu_isa: str | None) -> str:
+    """The CPU ISA the QAT weights are made for: targets that all sum int8 in 32 bits need no
+    x86 overflow fix; otherwise ``cpu_isa`` decides, as for PTQ."""
+    if all(backend.exact_int8_accumulation for backend in backends):
+        return EXACT_ACCUMULATION_ISA
+    return resolve_int8_target(cpu_isa)
 
 
 def quantizer_parameters(target: str, cpu_isa: str | None = None) -> dict:
     """Keyword arguments of ``nncf.quantize`` for ``target`` (the PTQ that initialises QAT)."""
-    from lrformer_edge.backends.nncf_support import overflow_fix
-
     nncf = _nncf()
-    if target not in QAT_TARGETS:
-        raise ValueError(f"target must be one of {QAT_TARGETS}, got {target!r}")
+    backends = qat_backends(target)
     advanced = {"smooth_quant_alphas": nncf.AdvancedSmoothQuantParameters(matmul=-1,
                                                                           convolution=-1),
-                "overflow_fix": overflow_fix(nncf, weight_target_isa(target, cpu_isa))}
-    if target in ("tensorrt", "all"):
-        advanced["activations_quantization_params"] = (
-            nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False))
+                "overflow_fix": overflow_fix(nncf, weight_target_isa(backends, cpu_isa)),
+                **quantizer_rules(nncf, backends)}
     return {"model_type": nncf.ModelType.TRANSFORMER,
             "preset": nncf.QuantizationPreset.PERFORMANCE,
             "advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)}
 
 
+def quantizer_rules(nncf, backends: tuple[Backend, ...]) -> dict:
+    """What every target backend requires of the quantizers, together; backends that require
+    different values of one setting cannot share a model."""
+    rules: dict = {}
+    for backend in backends:
+        for name, value in (backend.quantizer_rules(nncf) if backend.quantizer_rules else
+                            {}).items():
+            if name in rules and rules[name] != value:
+                raise ValueError(f"the QAT targets {', '.join(b.name for b in backends)} need "
+                                 f"different quantizer settings ({name}): train one QAT model "
+                                 f"per target")
+            rules[name] = value
+    return rules
+
+
+# ----------------------------------------------------------------------------- the model
 def quantize_for_training(model, input_size, calibration, target: str,
                           cpu_isa: str | None = None):
     """Deploy form of ``model`` at ``input_size`` -> NNCF fake-quant model (PTQ-initialised)."""
-    from lrformer_edge.models.deploy import to_deploy
-
     nncf = _nncf()
     # NNCF quantizes kernels it sees as parameters, not the folded MLP kernels (see to_deploy).
     deployed = to_deploy(model, input_size, fold_mlp_residuals=False).eval()
@@ -141,11 +203,11 @@ def _freeze_normalization_and_dropout(model: nn.Module) -> None:
 
 
 def restore(checkpoint_path: str | Path, map_location="cpu"):
-    """(fake-quant model, checkpoint dict) from a QAT checkpoint written by ``train_qat``."""
-    from lrformer_edge.models.deploy import to_deploy
-    from lrformer_edge.models.factory import create_model
+    """(fake-quant model, checkpoint dict) from a QAT checkpoint written by ``train_qat``.
 
-    _nncf()
+    The dict also holds, under ``"quantization"``, what its exported artifacts record of how
+    the model was made (the ``payload`` every ``Backend.export_qat`` takes)."""
+    _nncf()  # first: it configures NNCF
     from nncf.torch import load_from_config
 
     path = Path(checkpoint_path)
@@ -168,22 +230,22 @@ def restore(checkpoint_path: str | Path, map_location="cpu"):
     quantized.load_state_dict(payload["state_dict"])
     quantized.config = model.config
     quantized.checkpoint_sha256 = payload.get("source_checkpoint_sha256")
+    payload["quantization"] = _quantization_settings(payload)
     return quantized, payload
 
 
-def _save(path: Path, model, optimizer, iteration: int, best: dict, config: QATConfig,
-          variant: str, source_sha: str | None, calibration: dict) -> None:
-    import nncf.torch
-
-    from lrformer_edge.files import atomic_write
-
-    payload = {"format": CHECKPOINT_FORMAT, "variant": variant,
-               "input_size": list(config.input_size), "target": config.target,
-               "nncf_config": nncf.torch.get_config(model), "state_dict": model.state_dict(),
-               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-               "iteration": iteration, "best": best, "config": asdict(config),
-               "source_checkpoint_sha256": source_sha, "calibration_set": calibration}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+def _quantization_settings(payload: dict) -> dict:
+    config = payload.get("config", {})
+    # Checkpoints from before cpu_isa existed used NNCF's default: their target is unrecorded.
+    isa = (target_isa_settings(weight_target_isa(qat_backends(payload.get("target")),
+                                                 config["cpu_isa"]))
+           if "cpu_isa" in config else {})
+    return {"tool": f"nncf {_nncf().__version__} QAT (torch)", "target": payload.get("target"),
+            **isa,
+            "iterations": payload.get("iteration"), "best_val_mIoU": payload.get("best"),
+            "lr": config.get("lr"), "distill_weight": config.get("distill_weight"),
+            "task_weight": config.get("task_weight"),
+            "temperature": config.get("temperature"), "format": "Q/DQ, int8, zero-point 0"}
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
@@ -195,302 +257,223 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
     return kl * temperature ** 2
 
 
-def evaluate_fixed_size(model, samples, data_config, input_size, info=None) -> dict:
-    """mIoU through the common pipeline at the model's fixed input size (sharded under DDP)."""
-    from lrformer_edge.backends.pytorch.runner import TorchRunner
-    from lrformer_edge.evaluation import confusion_of
-    from lrformer_edge.pipeline import SegmentationPipeline
-    from lrformer_edge.training import DistInfo, summed_over_processes
+# ----------------------------------------------------------------------------- training
+@dataclass
+class _QATRun:
+    """A QAT run's state, shared by its steps."""
 
-    info = info or DistInfo()
-    shard = [s for i, s in enumerate(samples) if i % info.world_size == info.rank]
-    model.eval()
-    runner = TorchRunner(model, input_size=input_size, device="cpu" if not
-                         torch.cuda.is_available() else None)
-    with SegmentationPipeline(runner, data_config, input_size) as pipeline:
-        matrix, _ = confusion_of(pipeline, shard)
-    return summed_over_processes(matrix, info).compute()
+    config: QATConfig
+    info: DistInfo
+    device: torch.device
+    work_dir: Path
+    size: tuple[int, int]
+    teacher_model: nn.Module  # the FP32 model as created (its config, its checkpoint's hash)
+    teacher: nn.Module  # its deploy form at ``size``, frozen: what the student is distilled from
+    train_set: object
+    val_samples: list
+    log: Callable
+    student: nn.Module | None = None
+    wrapped: nn.Module | None = None  # the student as trained (DDP-wrapped under torchrun)
+    optimizer: torch.optim.Optimizer | None = None
+    calibration: dict | None = None  # the description of the PTQ calibration set
+    start: int = 0
+    best: dict = field(default_factory=lambda: {"mIoU": -1.0, "iter": 0})
+    history: list = field(default_factory=list)
+    fp32: dict | None = None
+    ptq: dict | None = None
+
+    def say(self, message: str) -> None:
+        log_main(self.info, message, self.log)
+
+    def validation_metrics(self, model: nn.Module) -> dict:
+        return evaluate(model, self.val_samples, self.teacher_model.config.data, self.device,
+                        info=self.info, input_size=self.size)
 
 
 def train_qat(config: QATConfig, log=print) -> dict:
     """Run QAT as ``config`` says; returns the summary (also written to WORK_DIR/summary.json)."""
-    from lrformer_edge.data.calibration import build_calibration_set
-    from lrformer_edge.data.datasets import open_dataset
-    from lrformer_edge.models.deploy import check_input_size, to_deploy
-    from lrformer_edge.models.factory import create_model
-    from lrformer_edge.training import (
-        AugmentedSegmentation,
-        finish_run,
-        init_distributed,
-        training_device,
-    )
+    run = _setup(config, log)
+    _start_student(run)
+    _measure_baselines(run)
+    data = run.teacher_model.config.data
+    batches = training_batches(
+        AugmentedSegmentation(run.train_set, data.mean, data.std, data.test_scale, run.size,
+                              (0.75, 1.5), config.seed),
+        config.batch_size, run.info, config.seed, run.start)
+    run.say(f"QAT of {config.variant} at {run.size[0]}x{run.size[1]}: iterations "
+            f"{run.start}..{config.iters}, batch {config.batch_size} x {run.info.world_size} "
+            f"process(es), lr {config.lr}, task weight {config.task_weight}, distillation "
+            f"weight {config.distill_weight} (T={config.temperature}), BatchNorm statistics "
+            f"{'updated' if config.update_bn_stats else 'frozen'}")
+    started, clock = time.time(), StepClock(config.iters)
+    for iteration in range(run.start, config.iters):
+        losses = _train_step(run, next(batches))
+        _after_step(run, iteration + 1, losses, clock)
+    summary = {"variant": config.variant, "target": config.target, "iters": config.iters,
+               "input_size": list(run.size), "fp32_mIoU": run.fp32["mIoU"],
+               "ptq_mIoU": _miou(run.ptq), "best": run.best,
+               "history": run.history, "minutes": (time.time() - started) / 60,
+               "world_size": run.info.world_size, "calibration_set": run.calibration}
+    return finish_run(run.info, run.work_dir, summary)
 
-    info = init_distributed()
-    device = training_device(info)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed + info.rank)
-    size = check_input_size(config.input_size)
-    work_dir = Path(config.work_dir)
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
 
-    def say(message):
-        if info.is_main:
-            log(message)
-
+def _setup(config: QATConfig, log) -> _QATRun:
+    """The process, the FP32 teacher at the QAT input size, the data and the work folder."""
+    info, device = start_process(config.seed, config.threads)
     teacher_model = create_model(config.variant, checkpoint=config.checkpoint)
-    data_config = teacher_model.config.data
+    size = check_input_size(input_size_of(teacher_model, config.input_size))
     train_set = open_dataset(config.data, "train")
     val_set = open_dataset(config.data, "val")
-    val_samples = [val_set[i] for i in range(min(config.val_images, len(val_set)))]
+    work_dir = Path(config.work_dir)
+    if info.is_main:  # only now: bad data or a bad checkpoint leave no empty work dir behind
+        work_dir.mkdir(parents=True, exist_ok=True)
     teacher = to_deploy(teacher_model, size).eval().to(device)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
+    val_samples = [val_set[i] for i in range(min(config.val_images, len(val_set)))]
+    return _QATRun(config, info, device, work_dir, size, teacher_model, teacher, train_set,
+                   val_samples, log)
 
-    calibration = build_calibration_set(config.calib_source or config.data, data_config, size,
-                                        config.calib_images, config.seed)
-    latest = work_dir / "latest.pth"
-    start, best = 0, {"mIoU": -1.0, "iter": 0}
+
+def _start_student(run: _QATRun) -> None:
+    """The fake-quant student: resumed from WORK_DIR/latest.pth, or PTQ of the teacher; then
+    its optimizer (with the resumed state) and the DDP wrapping."""
+    config, latest, payload = run.config, run.work_dir / "latest.pth", None
     if config.resume and latest.is_file():
-        student, payload = restore(latest)
-        start, best = payload["iteration"], payload["best"]
-        say(f"resumed from {latest} at iteration {start}")
+        run.student, payload = restore(latest)
+        run.start, run.best = payload["iteration"], payload["best"]
+        run.calibration = payload.get("calibration_set")
+        run.ptq = payload.get("config", {}).get("extra", {}).get("ptq")
+        run.say(f"resumed from {latest} at iteration {run.start}")
     else:
-        say(f"NNCF post-training quantization ({config.target} rules) on "
-            f"{len(calibration.batches)} calibration images as the QAT starting point")
-        student = quantize_for_training(teacher_model, size, calibration, config.target,
-                                        config.cpu_isa)
-        payload = None
-    student.to(device)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                                  lr=config.lr, weight_decay=config.weight_decay)
+        calibration = build_calibration_set(config.calib_source or config.data,
+                                            run.teacher_model.config.data, run.size,
+                                            config.calib_images, config.seed)
+        run.say(f"NNCF post-training quantization ({config.target} rules) on "
+                f"{len(calibration.batches)} calibration images as the QAT starting point")
+        run.student = quantize_for_training(run.teacher_model, run.size, calibration,
+                                            config.target, config.cpu_isa)
+        run.calibration = calibration.describe()
+    run.student.to(run.device)
+    run.optimizer = torch.optim.AdamW([p for p in run.student.parameters() if p.requires_grad],
+                                      lr=config.lr, weight_decay=config.weight_decay)
     if payload is not None and payload.get("optimizer"):
-        optimizer.load_state_dict(payload["optimizer"])
-    wrapped = student
-    if info.world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            student, device_ids=[info.local_rank] if device.type == "cuda" else None)
+        run.optimizer.load_state_dict(payload["optimizer"])
+    run.wrapped = data_parallel(run.student, run.info, run.device)
 
-    # The PTQ figure (before any fine-tuning) is kept for the PTQ-vs-QAT comparison.
-    ptq = evaluate_fixed_size(student, val_samples, data_config, size, info) if start == 0 \
-        else payload.get("config", {}).get("extra", {}).get("ptq")
-    fp32 = evaluate_fixed_size(teacher, val_samples, data_config, size, info)
-    if start == 0:
-        config.extra["ptq"] = ptq
-        say(f"validation mIoU before QAT: FP32 {100 * fp32['mIoU']:.2f}, "
-            f"PTQ INT8 {100 * ptq['mIoU']:.2f}")
 
-    augmented = AugmentedSegmentation(train_set, data_config.mean, data_config.std,
-                                      data_config.test_scale, size, (0.75, 1.5), config.seed)
-    sampler = torch.utils.data.DistributedSampler(
-        augmented, info.world_size, info.rank, shuffle=True, seed=config.seed) \
-        if info.world_size > 1 else None
-    epoch = start * config.batch_size * info.world_size // max(1, len(augmented))
+def _measure_baselines(run: _QATRun) -> None:
+    """FP32 and PTQ validation mIoU for the comparison with QAT; the PTQ figure is measured
+    before any fine-tuning and kept in the checkpoints' config for resumed runs."""
+    if run.start == 0:
+        run.ptq = run.validation_metrics(run.student)
+    run.fp32 = run.validation_metrics(run.teacher)
+    run.config.extra["ptq"] = run.ptq
+    if run.start == 0:
+        run.say(f"validation mIoU before QAT: FP32 {_percent(run.fp32['mIoU'])}, "
+                f"PTQ INT8 {_percent(_miou(run.ptq))}")
 
-    def batches():
-        nonlocal epoch
-        while True:
-            augmented.epoch = epoch
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                augmented, batch_size=config.batch_size, sampler=sampler,
-                shuffle=sampler is None, drop_last=True, num_workers=0,
-                generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-            yield from loader
-            epoch += 1
 
-    say(f"QAT of {config.variant} at {size[0]}x{size[1]}: iterations {start}..{config.iters}, "
-        f"batch {config.batch_size} x {info.world_size} process(es), lr {config.lr}, "
-        f"task weight {config.task_weight}, distillation weight {config.distill_weight} "
-        f"(T={config.temperature}), BatchNorm statistics "
-        f"{'updated' if config.update_bn_stats else 'frozen'}")
-    stream, history = batches(), []
-    started = window = time.time()
-    source_sha = getattr(teacher_model, "checkpoint_sha256", None)
-    for iteration in range(start, config.iters):
-        student.train()
-        if not config.update_bn_stats:
-            _freeze_normalization_and_dropout(student)
-        images, labels = next(stream)
-        images, labels = images.to(device), labels.to(device)
-        with torch.no_grad():
-            soft = teacher(images)
-        logits = wrapped(images)
-        task = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-        distill = distillation_loss(logits, soft, config.temperature)
-        loss = config.task_weight * task + config.distill_weight * distill
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done = iteration + 1
-        if done % config.log_interval == 0 or done == config.iters:
-            per_iter = (time.time() - window) / config.log_interval
-            say(f"iter {done}/{config.iters}  loss {loss.item():.4f} (task {task.item():.4f}, "
-                f"distill {distill.item():.4f})  {per_iter:.2f} s/iter  "
-                f"eta {per_iter * (config.iters - done) / 60:.1f} min")
-            window = time.time()
-        if done % config.val_interval == 0 or done == config.iters:
-            metrics = evaluate_fixed_size(student, val_samples, data_config, size, info)
-            history.append({"iter": done, "mIoU": metrics["mIoU"]})
-            say(f"iter {done}: val mIoU {100 * metrics['mIoU']:.2f} (FP32 "
-                f"{100 * fp32['mIoU']:.2f}, PTQ {100 * ptq['mIoU']:.2f})")
-            if metrics["mIoU"] > best["mIoU"]:
-                best = {"mIoU": metrics["mIoU"], "iter": done}
-                if info.is_main:
-                    _save(work_dir / "best.pth", student, None, done, best, config,
-                          config.variant, source_sha, calibration.describe())
-            if info.is_main:
-                _save(latest, student, optimizer, done, best, config, config.variant,
-                      source_sha, calibration.describe())
-    summary = {"variant": config.variant, "target": config.target, "iters": config.iters,
-               "input_size": list(size), "fp32_mIoU": fp32["mIoU"], "ptq_mIoU": ptq["mIoU"],
-               "best": best, "history": history, "minutes": (time.time() - started) / 60,
-               "world_size": info.world_size, "calibration_set": calibration.describe()}
-    return finish_run(info, work_dir, summary)
+def _miou(metrics: dict | None) -> float | None:
+    """A resumed run of an older checkpoint may not know its PTQ figure."""
+    return metrics["mIoU"] if metrics else None
 
+
+def _percent(miou: float | None) -> str:
+    return "n/a" if miou is None else f"{100 * miou:.2f}"
+
+
+def _train_step(run: _QATRun, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One distillation step; returns (loss, task loss, distillation loss)."""
+    config = run.config
+    run.student.train()
+    if not config.update_bn_stats:
+        _freeze_normalization_and_dropout(run.student)
+    images, labels = (tensor.to(run.device) for tensor in batch)
+    with torch.no_grad():
+        soft = run.teacher(images)
+    logits = run.wrapped(images)
+    task = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    distill = distillation_loss(logits, soft, config.temperature)
+    loss = config.task_weight * task + config.distill_weight * distill
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return loss, task, distill
+
+
+def _after_step(run: _QATRun, done: int, losses, clock: StepClock) -> None:
+    config = run.config
+    if is_due(done, config.log_interval, config.iters):
+        loss, task, distill = (value.item() for value in losses)
+        run.say(f"iter {done}/{config.iters}  loss {loss:.4f} (task {task:.4f}, "
+                f"distill {distill:.4f})  {clock.lap(done, config.log_interval)}")
+    if is_due(done, config.val_interval, config.iters):
+        _validate(run, done)
+
+
+def _validate(run: _QATRun, done: int) -> None:
+    """Validation mIoU; the best model goes to WORK_DIR/best.pth, every state to latest.pth."""
+    metrics = run.validation_metrics(run.student)
+    run.history.append({"iter": done, "mIoU": metrics["mIoU"]})
+    run.say(f"iter {done}: val mIoU {_percent(metrics['mIoU'])} (FP32 "
+            f"{_percent(run.fp32['mIoU'])}, PTQ {_percent(_miou(run.ptq))})")
+    if metrics["mIoU"] > run.best["mIoU"]:
+        run.best = {"mIoU": metrics["mIoU"], "iter": done}
+        if run.info.is_main:
+            _save(run, run.work_dir / "best.pth", done, with_optimizer=False)
+    if run.info.is_main:
+        _save(run, run.work_dir / "latest.pth", done, with_optimizer=True)
+
+
+def _save(run: _QATRun, path: Path, iteration: int, with_optimizer: bool) -> None:
+    import nncf.torch
+
+    config = run.config
+    payload = {"format": CHECKPOINT_FORMAT, "variant": config.variant,
+               "input_size": list(run.size), "target": config.target,
+               "nncf_config": nncf.torch.get_config(run.student),
+               "state_dict": run.student.state_dict(),
+               "optimizer": run.optimizer.state_dict() if with_optimizer else None,
+               "iteration": iteration, "best": run.best, "config": asdict(config),
+               "source_checkpoint_sha256": getattr(run.teacher_model, "checkpoint_sha256", None),
+               "calibration_set": run.calibration}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 # ----------------------------------------------------------------------------- exports
-def _stripped(quantized, feed):
-    """The fake-quant model with NNCF's hooks replaced by torch fake-quantize ops (what the
-    OpenVINO converter and the ONNX exporter understand)."""
-    import logging
-
-    nncf = _nncf()
-    require("torchao", "qat", "stripping a QAT model for export")
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # GPU-kernel chatter on CPU hosts
-    return nncf.strip(quantized, do_copy=True, example_input=torch.from_numpy(feed))
+def export_qat_artifacts(work_dir: str | Path, target: str) -> list[ExportResult]:
+    """Each target backend's artifact of WORK_DIR/best.pth, written into WORK_DIR."""
+    quantized, payload = restore(Path(work_dir) / "best.pth")
+    feed = export_feed(quantized, payload)
+    return [backend.export_qat(quantized, payload, path, feed)
+            for backend, path in qat_artifacts(work_dir, target, payload["variant"])]
 
 
-def _with_qdq_export(quantized):
-    """A copy whose NNCF quantizers export as ONNX QuantizeLinear/DequantizeLinear pairs
-    (their default is OpenVINO's custom FakeQuantize op, which TensorRT does not parse)."""
-    import copy
-
-    from nncf.torch.function_hook.wrapper import get_hook_storage
-    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
-
-    model = copy.deepcopy(quantized).eval()
-    for _, module in get_hook_storage(model).named_hooks():
-        if isinstance(module, BaseQuantizer):
-            module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
-    return model
+def export_feed(quantized, payload: dict) -> np.ndarray:
+    """The image an export of a restored QAT model is checked on: a procedural scene, fixed."""
+    return build_calibration_set(PROCEDURAL, quantized.config.data,
+                                 tuple(payload["input_size"]), 1, seed=123).batches[0]
 
 
-def _check_against_fake_quant(quantized, runner, feed, name: str):
-    """The exported artifact must reproduce the torch fake-quant model it came from."""
-    from lrformer_edge.artifacts.parity import ParityThresholds, check_parity
-
-    # Same int8 model, another runtime: only rounding at quantizer boundaries differs (measured:
-    # logits cosine 0.9986-0.9996, argmax agreement 99.7-99.8% for a Q/DQ ONNX in ONNX Runtime).
-    # A broken export (wrong scale, missing quantizer) lands far below these bounds.
-    thresholds = ParityThresholds(max_abs=float("inf"), min_cosine=0.995,
-                                  min_pixel_agreement=0.99)
-    return check_parity(quantized.eval(), runner, feed, thresholds, f"{name} vs the QAT model")
-
-
-def export_qat_openvino(quantized, payload: dict, output_dir, feed):
-    """OpenVINO INT8 IR of a QAT model, checked against the fake-quant model, then renamed in."""
-    import warnings
-
-    from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
-    from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
-    from lrformer_edge.artifacts.result import ExportResult
-    from lrformer_edge.artifacts.staging import staged_directory
-    from lrformer_edge.backends.openvino.export import compiles_under_every_hint
-    from lrformer_edge.backends.openvino.ir import write_rt_metadata
-    from lrformer_edge.backends.openvino.runner import OpenVINORunner
-
-    ov = require("openvino", "openvino", "OpenVINO export")
-    start = time.time()
-    output_dir = Path(output_dir)
-    with staged_directory(output_dir) as staging:
-        example = torch.from_numpy(feed)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
-            ov_model = ov.convert_model(_stripped(quantized, feed), example_input=example,
-                                        input=[tuple(example.shape)])  # fixed, like the ONNX IRs
-        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})  # as in the ONNX-based IRs
-        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-        metadata = artifact_metadata(quantized, payload["input_size"], format="openvino-ir",
-                                     weights_precision="int8", quantization=_qat_settings(payload),
-                                     calibration_set=payload.get("calibration_set"),
-                                     openvino_version=ov.__version__)
-        write_rt_metadata(ov_model, metadata)
-        xml = staging / f"{payload['variant']}-qat.xml"
-        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
-        # The fake-quant model computes exactly; a host whose int8 sums saturate is emulated
-        # when the IR is made for VNNI CPUs (a portable IR matches natively everywhere).
-        emulate = int8_mismatch(_qat_settings(payload).get("target_cpu_isa")) is not None
-        agreement = _check_against_fake_quant(
-            quantized, OpenVINORunner(xml, precision="f32", emulate_exact_int8=emulate), feed,
-            xml.name)
-        compiles_under_every_hint(xml)
-    return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
-                        decode_metadata(metadata))
-
-
-def export_qat_qdq_onnx(quantized, payload: dict, output, feed):
-    """TensorRT Q/DQ ONNX of a QAT model (the same checks as the PTQ one), then renamed in."""
-    import tempfile
-    import warnings
-
-    import onnx
-
-    from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
-    from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
-    from lrformer_edge.artifacts.result import ExportResult
-    from lrformer_edge.backends.onnxruntime.export import MIN_OPSET
-    from lrformer_edge.backends.onnxruntime.format import op_histogram
-    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-    from lrformer_edge.backends.tensorrt.export import (
-        fold_constants,
-        require_tensorrt_form,
-    )
-    from lrformer_edge.backends.tensorrt.qdq import qdq_summary, to_signed_int8
-    from lrformer_edge.files import atomic_write
-
-    start = time.time()
-    output = Path(output)
-    with tempfile.TemporaryDirectory(prefix="lrformer-qat-onnx-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_with_qdq_export(quantized), (torch.from_numpy(feed),), str(raw),
-                              dynamo=False, opset_version=MIN_OPSET, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], do_constant_folding=True)
-        graph = to_signed_int8(fold_constants(raw, Path(tmp) / "folded.onnx"))
-        settings = _qat_settings(payload)
-        settings.update(qdq_summary(graph))
-        metadata = artifact_metadata(quantized, payload["input_size"], format="onnx",
-                                     target="tensorrt", precision="int8", opset=MIN_OPSET,
-                                     batch_size=1, quantization=settings,
-                                     calibration_set=payload.get("calibration_set"))
-        for key, value in metadata.items():
-            graph.metadata_props.add(key=key, value=value)
-        require_tensorrt_form(graph, "the QAT Q/DQ ONNX")
-        staged = Path(tmp) / "staged.onnx"
-        onnx.save(graph, str(staged))
-        agreement = _check_against_fake_quant(
-            quantized, OnnxRuntimeRunner(staged, providers=["CPUExecutionProvider"]), feed,
-            output.name)
-        atomic_write(output, lambda path: Path(path).write_bytes(staged.read_bytes()))
-    return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
-                        decode_metadata(metadata))
-
-
-def _qat_settings(payload: dict) -> dict:
-    from lrformer_edge.backends.openvino.ptq import target_isa_settings
-
-    config = payload.get("config", {})
-    # Checkpoints from before cpu_isa existed used NNCF's default: their target is unrecorded.
-    isa = (target_isa_settings(weight_target_isa(payload.get("target"), config["cpu_isa"]))
-           if "cpu_isa" in config else {})
-    return {"tool": f"nncf {_nncf().__version__} QAT (torch)", "target": payload.get("target"),
-            **isa,
-            "iterations": payload.get("iteration"), "best_val_mIoU": payload.get("best"),
-            "lr": config.get("lr"), "distill_weight": config.get("distill_weight"),
-            "task_weight": config.get("task_weight"),
-            "temperature": config.get("temperature"), "format": "Q/DQ, int8, zero-point 0"}
+def run_qat(config: QATConfig, export: bool = True, log=print) -> int:
+    """``calibration/qat.py``: train, then export the best model (main process); the exit code.
+    Bad input gives one line on stderr and 2, a failed export check 1 (nothing written)."""
+    code, summary = run_export_cli(lambda: train_qat(config, log))
+    if code or int(os.environ.get("RANK", "0")) != 0:
+        return code
+    best = summary["best"]
+    log(f"best validation mIoU {_percent(best['mIoU'])} at iteration {best['iter']} (FP32 "
+        f"{_percent(summary['fp32_mIoU'])}, PTQ {_percent(summary['ptq_mIoU'])}); "
+        f"{summary['minutes']:.1f} min")
+    if not export:
+        return 0
+    code, results = run_export_cli(lambda: export_qat_artifacts(config.work_dir, config.target))
+    for result in results or []:
+        log(result.summary().replace("parity vs PyTorch", "parity vs the QAT fake-quant model"))
+    if results:
+        exports = [{"path": str(r.path), "parity_vs_qat_model": r.parity.as_dict()}
+                   for r in results]
+        atomic_write(Path(config.work_dir) / "exports.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(exports, indent=1)))
+    return code

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lrformer_edge.backends import resolve_backend_options
+
 
 @dataclass
 class ValidationConfig:
@@ -23,9 +25,9 @@ class ValidationConfig:
     save_reference: Path | None = None
     load_reference: Path | None = None
     logit_images: int = 5
-    openvino_precision: str = "f32"
-    # OpenVINO INT8 IRs with exact int8 arithmetic emulated: what a VNNI/AMX CPU computes, on any CPU
-    emulate_exact_int8: bool = False
+    # runtime option values by backend name (the backends' runtime_options), e.g.
+    # {"openvino": {"precision": "bf16", "emulate_exact_int8": True}}; defaults for the rest
+    backend_options: dict[str, dict] = field(default_factory=dict)
     require_all: bool = False
     log: object = field(default=print, repr=False)
 
@@ -76,6 +78,7 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
     from lrformer_edge.validation.report import write_reports
 
     thresholds = load_thresholds(config.thresholds)
+    backend_options = resolve_backend_options(config.backend_options)  # bad options: before work
     missing = [str(p) for p in config.artifacts if not Path(p).exists()]
     if missing:
         raise ValueError(f"artifacts not found: {', '.join(missing)}")
@@ -101,8 +104,7 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
         reference.save(config.save_reference)
         config.log(f"saved the ground-truth outputs to {config.save_reference}")
     run = validate_artifacts(config.artifacts, samples, reference, description, class_names,
-                             palette, config.openvino_precision, config.log,
-                             config.emulate_exact_int8)
+                             palette, backend_options, config.log)
     violations = check(run.results, thresholds, config.require_all)
     reports = write_reports(run, violations, thresholds.get("version"), config.report_dir)
     return ValidationOutcome(run, violations, reports)

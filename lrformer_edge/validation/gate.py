@@ -5,6 +5,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrformer_edge.backends import get_backend
+from lrformer_edge.validation.harness import reportable_precisions
+
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds.yaml")
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_PRECISION = "default"  # the limits of a backend's precisions that have no own entry
@@ -71,8 +74,6 @@ def _check_keys(mapping: dict, known, where: str) -> None:
 
 def _check_backend(backend, precisions, path: Path) -> None:
     """A typo'd backend or precision would match no artifact and gate nothing: refuse it."""
-    from lrformer_edge.validation.harness import reportable_precisions
-
     known = reportable_precisions()
     if backend not in known:
         raise ValueError(f"{path}: unknown backend {backend!r} under 'backends'; known: "
@@ -98,7 +99,8 @@ def _check_backend(backend, precisions, path: Path) -> None:
 
 
 def limits_for(thresholds: dict, backend: str, precision: str) -> dict:
-    precisions = (thresholds.get("backends") or {}).get(backend) or {}
+    """The limits of a result's backend (by name) and precision; {} where the file has none."""
+    precisions = (thresholds.get("backends") or {}).get(get_backend(backend).gate_key) or {}
     return dict(precisions.get(precision) or precisions.get(DEFAULT_PRECISION) or {})
 
 
@@ -123,11 +125,12 @@ def check(results, thresholds: dict, require_all: bool = False) -> list[Violatio
             continue
         limits = limits_for(thresholds, result.backend, result.precision)
         if not limits:  # unlimited is not "passed": the file must say what this artifact may do
+            key = get_backend(result.backend).gate_key
             violations.append(Violation(
                 result.name, NO_LIMITS, None, float("nan"),
-                f"no limits are defined for backend {result.backend} precision "
+                f"no limits are defined for backend {key} precision "
                 f"{result.precision} in {thresholds.get('path', 'the thresholds')} (add "
-                f"backends.{result.backend}.{result.precision} or .{DEFAULT_PRECISION})"))
+                f"backends.{key}.{result.precision} or .{DEFAULT_PRECISION})"))
             continue
         for metric, limit in limits.items():
             attribute, kind, _ = METRICS[metric]

@@ -14,13 +14,27 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lrformer_edge.artifacts.metadata import data_config_from_metadata
+from lrformer_edge.artifacts.runner import unhonoured_hint
+from lrformer_edge.backends import (
+    BACKENDS,
+    GROUND_TRUTH,
+    backend_for,
+    get_backend,
+    load_runner,
+    resolve_backend_options,
+)
+from lrformer_edge.backends.base import ArtifactDescription
 from lrformer_edge.data.datasets import IGNORE_INDEX
+from lrformer_edge.files import artifact_size_bytes
 from lrformer_edge.metrics import ConfusionMatrix, count_nonfinite, logits_agreement
+from lrformer_edge.pipeline import SegmentationPipeline
 
 SAMPLE_PANELS = 3  # images shown in the report
 
@@ -111,88 +125,36 @@ class _PeakMemory:
 
 
 def artifact_size_mib(path: Path) -> float | None:
-    from lrformer_edge.files import artifact_size_bytes
-
     return artifact_size_bytes(path) / 2**20
 
 
 def artifact_metadata_of(path: Path) -> dict | None:
     """The metadata an artifact embeds, without running it (None for PyTorch checkpoints)."""
-    from lrformer_edge.backends import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
-
-    if path.suffix in TORCH_SUFFIXES:
-        return None
-    if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.artifacts.metadata import decode_metadata
-        from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
-
-        return decode_metadata(read_sidecar(path)["metadata"])
-    return load_runner(path).metadata
+    backend = backend_for(path)
+    return backend.describe(path, backend.option_defaults()).metadata
 
 
-def describe_artifact(path: Path, openvino_precision: str = "f32",
-                      emulate_exact_int8: bool = False) -> tuple[str, str, dict]:
-    """(backend, precision key for the gate, runner options) read from the artifact."""
-    from lrformer_edge.backends import TENSORRT_SUFFIXES, TORCH_SUFFIXES, load_runner
-
-    if path.suffix in TORCH_SUFFIXES:
-        return "pytorch", "fp32", {}
-    if path.suffix == ".mlpackage":
-        options = (load_runner(path).metadata.get("coreml_options") or {})
-        return "coreml", coreml_precision_key(options.get("precision", "fp16"),
-                                              options.get("weights", "float"),
-                                              bool(options.get("w8a8"))), {}
-    if path.suffix in TENSORRT_SUFFIXES:
-        from lrformer_edge.backends.tensorrt.sidecar import read_sidecar
-
-        return "tensorrt", read_sidecar(path).get("precision", "fp32"), {}
-    runner = load_runner(path)
-    metadata = runner.metadata
-    if runner.backend == "openvino":
-        precision = openvino_precision_key(metadata.get("weights_precision", "fp32"),
-                                           openvino_precision)
-        return "openvino", precision, {"precision": openvino_precision,
-                                       "emulate_exact_int8": emulate_exact_int8}
-    return runner.backend, metadata.get("precision", "fp32"), {}
-
-
-def openvino_precision_key(weights: str, hint: str) -> str:
-    """IR weights, plus the inference hint when it is not f32: "int8", "int8+bf16"."""
-    return weights if hint == "f32" else f"{weights}+{hint}"
-
-
-def coreml_precision_key(precision: str, weights: str, w8a8: bool) -> str:
-    """Compute precision (or "w8a8"), plus compressed weights: "fp16", "fp16+int8", "w8a8"."""
-    compute = "w8a8" if w8a8 else precision
-    return compute if weights == "float" else f"{compute}+{weights}"
+def describe_artifact(path: Path, options: Mapping[str, Mapping] | None = None
+                      ) -> ArtifactDescription:
+    """Backend, precision key for the gate and runner options, read from the artifact;
+    ``options``: runtime option values by backend name, the defaults for the rest."""
+    backend = backend_for(path)
+    return backend.describe(path, resolve_backend_options(options)[backend.name])
 
 
 def reportable_precisions() -> dict[str, tuple[str, ...]]:
-    """backend -> every precision key ``describe_artifact`` can report (the gate's vocabulary)."""
-    from lrformer_edge.backends.coreml.export import PRECISIONS as COREML_PRECISIONS
-    from lrformer_edge.backends.coreml.export import WEIGHT_MODES
-    from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
-    from lrformer_edge.backends.openvino.runner import PRECISIONS as OPENVINO_HINTS
-    from lrformer_edge.backends.tensorrt.export import TRT_PRECISIONS
-
-    coreml = [coreml_precision_key(p, w, False) for p in COREML_PRECISIONS for w in WEIGHT_MODES]
-    coreml += [coreml_precision_key("fp16", w, True) for w in WEIGHT_MODES if w != "palette4"]
-    return {
-        "pytorch": ("fp32",),
-        # ONNX files record their precision: fp32 exports, the TensorRT-ready fp16/int8 ONNX.
-        "onnxruntime": TRT_PRECISIONS,
-        "openvino": tuple(openvino_precision_key(w, h) for w in IR_PRECISIONS
-                          for h in OPENVINO_HINTS),
-        "tensorrt": TRT_PRECISIONS,
-        "coreml": tuple(coreml),
-    }
+    """Gate key -> every precision key ``describe_artifact`` can report (the gate's vocabulary)."""
+    known: dict[str, tuple[str, ...]] = {}
+    for backend in BACKENDS:
+        earlier = known.get(backend.gate_key, ())
+        known[backend.gate_key] = earlier + tuple(p for p in backend.precision_keys
+                                                  if p not in earlier)
+    return known
 
 
 def cpu_notes(settings: dict) -> str:
     """What the CPU changed about a run, from its runner's settings: a precision hint it could
     not honour (bf16 without native bf16) or an INT8 model made for other CPUs."""
-    from lrformer_edge.artifacts.runner import unhonoured_hint
-
     emulated = settings.get("int8_arithmetic") == "emulated exact" and (
         "exact int8 arithmetic emulated (what a VNNI/AMX CPU computes)")
     return "; ".join(filter(None, [unhonoured_hint(settings), settings.get("int8_warning"),
@@ -200,16 +162,8 @@ def cpu_notes(settings: dict) -> str:
 
 
 def skip_reason(backend: str) -> str | None:
-    if backend == "tensorrt":
-        from lrformer_edge.backends.tensorrt.engine import tensorrt_unavailable_reason
-
-        reason = tensorrt_unavailable_reason()
-        return f"needs TensorRT and an NVIDIA GPU: {reason}" if reason else None
-    if backend == "coreml":
-        from lrformer_edge.backends.coreml.runner import coreml_unavailable_reason
-
-        return coreml_unavailable_reason()
-    return None
+    """Why ``backend`` cannot run here (the package or hardware it needs), or None."""
+    return get_backend(backend).unavailable_reason()
 
 
 def _worst_class_drop(reference_iou, iou, class_names) -> dict | None:
@@ -227,18 +181,17 @@ def _nan_to_none(values) -> list:
 
 
 def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
-                 class_names, openvino_precision: str = "f32",
-                 emulate_exact_int8: bool = False) -> tuple[BackendResult, dict]:
-    """One artifact against labels and the reference; never raises for the artifact's sake."""
-    from lrformer_edge.backends import load_runner
-    from lrformer_edge.pipeline import SegmentationPipeline
-
+                 class_names, backend_options: Mapping[str, Mapping] | None = None
+                 ) -> tuple[BackendResult, dict]:
+    """One artifact against labels and the reference; never raises for the artifact's sake.
+    ``backend_options``: runtime option values by backend name, e.g.
+    ``{"openvino": {"precision": "bf16"}}``."""
     try:
-        backend, precision, options = describe_artifact(path, openvino_precision,
-                                                        emulate_exact_int8)
+        description = describe_artifact(path, backend_options)
     except Exception as error:  # an unreadable artifact is a result, not a crash
         return BackendResult(path.name, str(path), "unknown", "unknown", "error",
                              f"cannot open: {error}"), {}
+    backend, precision = description.backend, description.precision
     result = BackendResult(f"{backend} {precision} ({path.name})", str(path), backend, precision,
                            artifact_mib=artifact_size_mib(path))
     reason = skip_reason(backend)
@@ -248,9 +201,7 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
     labels_by_name: dict = {}
     try:
         with _PeakMemory() as memory:
-            runner = load_runner(path, **options)
-            from lrformer_edge.artifacts.metadata import data_config_from_metadata
-
+            runner = load_runner(path, **description.runner_options)
             pipeline = SegmentationPipeline(runner, data_config_from_metadata(runner.metadata))
             matrix = ConfusionMatrix(len(class_names), IGNORE_INDEX)
             agreements, max_abs, cosines, latency = [], [], [], []
@@ -314,8 +265,10 @@ def reference_result(reference, samples, class_names) -> tuple[BackendResult, di
     for sample in samples:
         matrix.update(sample.label, reference.labels[sample.name])
     metrics = matrix.compute()
-    row = BackendResult("pytorch fp32 (ground truth)", reference.model.get("variant", "?"),
-                        "pytorch", "fp32", miou=metrics["mIoU"], aacc=metrics["aAcc"],
+    backend, precision = GROUND_TRUTH.name, GROUND_TRUTH.precisions[0]
+    row = BackendResult(f"{backend} {precision} (ground truth)",
+                        reference.model.get("variant", "?"), backend, precision,
+                        miou=metrics["mIoU"], aacc=metrics["aAcc"],
                         per_class_iou=_nan_to_none(metrics["IoU"]), pixel_agreement=1.0,
                         miou_delta_points=0.0, images=len(samples), ground_truth=True,
                         nonfinite_logits=sum(map(count_nonfinite, reference.logits.values())),
@@ -325,8 +278,9 @@ def reference_result(reference, samples, class_names) -> tuple[BackendResult, di
 
 
 def validate_artifacts(artifacts: list[Path], samples: list, reference, dataset: str,
-                       class_names, palette, openvino_precision: str = "f32",
-                       log=print, emulate_exact_int8: bool = False) -> ValidationRun:
+                       class_names, palette,
+                       backend_options: Mapping[str, Mapping] | None = None,
+                       log=print) -> ValidationRun:
     start = time.time()
     reference.check_samples([s.name for s in samples])
     ground_truth, reference_metrics = reference_result(reference, samples, class_names)
@@ -336,7 +290,7 @@ def validate_artifacts(artifacts: list[Path], samples: list, reference, dataset:
     for path in artifacts:
         log(f"validating {path}")
         result, labels = run_artifact(Path(path), samples, reference, reference_metrics,
-                                      class_names, openvino_precision, emulate_exact_int8)
+                                      class_names, backend_options)
         results.append(result)
         predictions.append({n: labels[n] for n in panel_names if n in labels})
         log(f"  {result.status}" + (f": {result.reason}" if result.reason else

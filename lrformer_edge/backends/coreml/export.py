@@ -35,6 +35,7 @@ from lrformer_edge.backends.coreml.inspect import (
     weight_aliases,
 )
 from lrformer_edge.files import default_file_mode
+from lrformer_edge.registry import input_size_of
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
 PRECISIONS = ("fp16", "fp32")
@@ -106,8 +107,6 @@ def _adapter(deployed, data_config, options: CoreMLOptions):
             return logits
 
     return Adapter().eval()
-
-
 
 
 def _convert(ct, adapter, input_size, options: CoreMLOptions):
@@ -189,7 +188,7 @@ def export_coreml(model, output: str | Path, input_size=None,
 
     ct = coremltools_module()
     output = check_output_path(output)
-    input_size = check_input_size(input_size or model.config.data.native_size)
+    input_size = check_input_size(input_size_of(model, input_size))
     if options.w8a8 and calibration is None:
         raise ValueError("W8A8 needs a calibration set (build_calibration_set(...))")
     if not options.w8a8 and calibration is not None:
@@ -236,35 +235,6 @@ def export_coreml(model, output: str | Path, input_size=None,
 
 
 # ----------------------------------------------------------------------------- inspection
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def expected_weight_error(options: CoreMLOptions) -> tuple[float, float]:
@@ -364,5 +334,22 @@ def _strip_prefix(placeholder: str) -> str:
     return "b_net_" + placeholder[2:] if placeholder.startswith("b_") else placeholder
 
 
-
-
+def package_summary(metadata: dict) -> list[str]:
+    """What an exported package holds, for the export summary: spec, I/O, compute and weight
+    types, the most frequent ops, the weights read back, whether attention is fused."""
+    package, weights = metadata["package"], metadata["weights"]
+    top = sorted(package["op_counts"].items(), key=lambda kv: -kv[1])[:12]
+    fused = package["op_counts"].get("scaled_dot_product_attention", 0)
+    return [
+        f"package: spec version {package['spec_version']} ({package['target']}), "
+        f"inputs {json.dumps(package['inputs'])}, outputs {json.dumps(package['outputs'])}",
+        f"compute dtypes {package['compute_dtypes']}; stored weights {package['weight_dtypes']}",
+        "ops: " + ", ".join(f"{name} {count}" for name, count in top),
+        f"weights read back: {weights['compared']} tensors compared ({weights['by_storage']}), "
+        f"worst relative error {weights['worst_relative_error']:.2e}, min cosine "
+        f"{weights['min_cosine']:.6f}; {len(weights['not_found'])} merged by the converter into "
+        f"the op that follows them (BatchNorm, layer scale)",
+        f"attention: {fused} fused scaled_dot_product_attention ops" if fused else
+        "attention: decomposed into matmul/softmax (fused attention needs --target iOS18 or "
+        "macOS15)",
+    ]

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Reading a Core ML package without running it (any OS): its inputs, outputs, deployment target,
+operations and weights, compared with the PyTorch weights."""
 from __future__ import annotations
 
 import math

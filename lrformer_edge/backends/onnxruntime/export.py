@@ -23,25 +23,10 @@ from lrformer_edge.artifacts.parity import (
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.onnxruntime.format import op_histogram
 from lrformer_edge.files import atomic_write, check_output_file
+from lrformer_edge.registry import input_size_of
 
 MAX_OPSET = 20  # newest opset TensorRT 10.x parses
 MIN_OPSET = 17  # LayerNormalization
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def export_onnx(model, output: str | Path, input_size=None, batch_size: int | None = 1,
@@ -63,7 +48,7 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
                          f"to {MAX_OPSET}; LayerNormalization needs {MIN_OPSET}), got {opset}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive or None (dynamic), got {batch_size}")
-    input_size = check_input_size(input_size or model.config.data.native_size)
+    input_size = check_input_size(input_size_of(model, input_size))
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"output must end in .onnx, got {output}")
@@ -96,13 +81,20 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
         onnx.save(graph, str(checked))
         agreement = None
         if parity is not None:
-            from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-
-            runner = OnnxRuntimeRunner(checked, providers=["CPUExecutionProvider"])
-            agreement = check_parity(deployed, runner, example.numpy(), parity, output.name)
+            agreement = check_onnx_parity(deployed, checked, example.numpy(), parity,
+                                          output.name)
         atomic_write(output, lambda tmp_path: Path(tmp_path).write_bytes(checked.read_bytes()))
     return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
                         decode_metadata(metadata))
+
+
+def check_onnx_parity(reference, path: Path, feed, parity: ParityThresholds | None, name: str):
+    """``check_parity`` of the ONNX at ``path`` in ONNX Runtime's CPU provider (for every
+    exporter that writes an ONNX: this one and the ONNX-based backends)."""
+    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
+    return check_parity(reference, runner, feed, parity, name)
 
 
 def _simplify(graph):
@@ -114,7 +106,5 @@ def _simplify(graph):
     if not ok:
         raise RuntimeError("onnxsim could not validate the simplified model")
     return simplified
-
-
 
 

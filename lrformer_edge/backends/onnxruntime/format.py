@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Reading ONNX files: embedded metadata and operator histograms."""
 from __future__ import annotations
 
 from pathlib import Path

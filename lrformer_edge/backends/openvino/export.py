@@ -1,21 +1,28 @@
-"""OpenVINO IR export (FP32 / FP16 weights) through the parity-checked ONNX of the deploy form.
+"""OpenVINO IR export: FP32 / FP16 / NNCF INT8 through the parity-checked ONNX of the deploy
+form, and the INT8 IR of a QAT model (``export_qat_openvino``).
 
-The IR carries the artifact metadata in ``rt_info/lrformer_edge``, is checked against the PyTorch
-model with an explicitly FP32 OpenVINO runner, must compile under every inference-precision hint
-(f32, bf16, f16), and replaces the output folder only when all of that passed.
+Both go through ``write_checked_ir``: the IR carries the artifact metadata in
+``rt_info/lrformer_edge``, is checked against its PyTorch model with an explicitly FP32 OpenVINO
+runner, must compile under every inference-precision hint (f32, bf16, f16), and replaces the
+output folder only when all of that passed.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.artifacts.optional import require
 from lrformer_edge.artifacts.parity import (
+    INPUT_NAME,
     OUTPUT_NAME,
+    QAT_EXPORT_PARITY,
     ParityThresholds,
     check_parity,
     parity_inputs,
@@ -34,6 +41,7 @@ from lrformer_edge.cpu import (
     resolve_int8_target,
 )
 from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.registry import input_size_of
 
 
 def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
@@ -58,12 +66,10 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     if precision != "int8" and (calibration is not None or max_drop is not None):
         raise ValueError("calibration data and max_drop apply to int8 only")
     target_isa = resolve_int8_target(target_isa)
-    input_size = check_input_size(input_size or model.config.data.native_size)
-    parity = parity or parity_thresholds(precision)
-    output_dir = Path(output_dir)
-    start = time.time()
-    with staged_directory(output_dir) as staging:
-        onnx_result = export_onnx(model, staging / "model.onnx", input_size, batch_size)
+    input_size = check_input_size(input_size_of(model, input_size))
+
+    def convert(scratch: Path):
+        onnx_result = export_onnx(model, scratch / "model.onnx", input_size, batch_size)
         ov_model = ov.convert_model(str(onnx_result.path))
         quantization = {}
         if precision == "int8":
@@ -71,23 +77,101 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
 
             ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop,
                                                        target_isa)
-        metadata = artifact_metadata(
+        return ov_model, artifact_metadata(
             model, input_size, format="openvino-ir", weights_precision=precision,
             batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
             onnx_parity=onnx_result.parity.as_dict(), **quantization)
-        write_rt_metadata(ov_model, metadata)
-        xml = staging / f"{model.config.name}.xml"
-        ov.save_model(ov_model, str(xml), compress_to_fp16=precision == "fp16")
-        (staging / "model.onnx").unlink()
-        feed = calibration.batches[0] if precision == "int8" else \
-            parity_inputs(input_size, batch_size or 1)
-        emulate = precision == "int8" and int8_mismatch(target_isa) is not None
-        agreement = check_parity(to_deploy(model, input_size),
-                                 OpenVINORunner(xml, precision="f32", emulate_exact_int8=emulate),
-                                 feed, parity, xml.name + (" (exact int8 emulated)" if emulate else ""))
+
+    feed = calibration.batches[0] if precision == "int8" else \
+        parity_inputs(input_size, batch_size or 1)
+    return write_checked_ir(convert, output_dir, model.config.name, to_deploy(model, input_size),
+                            feed, parity or parity_thresholds(precision),
+                            compress_to_fp16=precision == "fp16")
+
+
+def export_qat_openvino(quantized, payload: dict, output_dir: str | Path,
+                        feed: np.ndarray) -> ExportResult:
+    """INT8 IR of a QAT model, checked against the torch fake-quant model it came from.
+
+    ``payload`` is its checkpoint as ``lrformer_edge.quant.qat.restore`` returns it, with the
+    QAT settings under ``"quantization"``; ``feed`` a (1, 3, H, W) batch at its input size."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    quantized.eval()
+
+    def convert(scratch: Path):
+        example = torch.from_numpy(feed)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
+            ov_model = ov.convert_model(_stripped(quantized, feed), example_input=example,
+                                        input=[tuple(example.shape)])  # fixed, like the ONNX IRs
+        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})  # as in the ONNX-based IRs
+        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+        return ov_model, artifact_metadata(
+            quantized, payload["input_size"], format="openvino-ir", weights_precision="int8",
+            quantization=payload["quantization"], calibration_set=payload.get("calibration_set"),
+            openvino_version=ov.__version__)
+
+    return write_checked_ir(convert, output_dir, f"{payload['variant']}-qat", quantized, feed,
+                            QAT_EXPORT_PARITY, reference_name="the QAT model")
+
+
+def _stripped(quantized, feed: np.ndarray):
+    """The fake-quant model with NNCF's hooks replaced by torch fake-quantize ops (what the
+    OpenVINO converter understands)."""
+    import logging
+
+    nncf = require("nncf", "qat", "exporting a QAT model")
+    require("torchao", "qat", "stripping a QAT model for export")
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # GPU-kernel chatter on CPU hosts
+    return nncf.strip(quantized, do_copy=True, example_input=torch.from_numpy(feed))
+
+
+def write_checked_ir(convert: Callable, output_dir: str | Path, name: str, reference,
+                     feed: np.ndarray, parity: ParityThresholds,
+                     compress_to_fp16: bool = False,
+                     reference_name: str | None = None) -> ExportResult:
+    """Write ``output_dir/<name>.xml/.bin`` only when it reproduces ``reference`` and compiles.
+
+    ``convert(scratch_folder) -> (ov.Model, artifact metadata)`` makes the model (intermediate
+    files go to the scratch folder); the IR gets the metadata, is compared with the PyTorch
+    ``reference`` on ``feed`` within ``parity`` (``reference_name`` names it in the message
+    where it is not the FP32 model), compiled under every precision hint, and then replaces
+    ``output_dir``."""
+    output_dir = Path(output_dir)
+    start = time.time()
+    with staged_directory(output_dir) as staging:
+        xml = staging / f"{name}.xml"
+        metadata = decode_metadata(_save_ir(convert, xml, compress_to_fp16))
+        emulate = parity_emulates_exact_int8(metadata)
+        label = xml.name + (f" vs {reference_name}" if reference_name else "") + \
+            (" (exact int8 emulated)" if emulate else "")
+        agreement = check_parity(reference, OpenVINORunner(xml, precision="f32",
+                                                           emulate_exact_int8=emulate),
+                                 feed, parity, label)
         compiles_under_every_hint(xml)
-    return ExportResult(output_dir / xml.name, agreement, time.time() - start, {},
-                        decode_metadata(metadata))
+    return ExportResult(output_dir / xml.name, agreement, time.time() - start, {}, metadata)
+
+
+def _save_ir(convert: Callable, xml: Path, compress_to_fp16: bool) -> dict:
+    ov = require("openvino", "openvino", "OpenVINO export")
+    with tempfile.TemporaryDirectory(prefix="lrformer-ov-") as scratch:
+        ov_model, metadata = convert(Path(scratch))
+        write_rt_metadata(ov_model, metadata)
+        ov.save_model(ov_model, str(xml), compress_to_fp16=compress_to_fp16)
+    return metadata
+
+
+def parity_emulates_exact_int8(metadata: dict) -> bool:
+    """Whether an IR's parity check runs with exact int8 arithmetic emulated.
+
+    PyTorch (and the fake-quant model of QAT) compute int8 products exactly, as the CPUs an IR
+    for VNNI/AMX targets is made for do; on a host whose int8 sums saturate, such an IR (or one
+    recording no target: made with NNCF's default, full-range weights) is checked with what its
+    target CPUs compute. A portable IR matches natively everywhere."""
+    if metadata.get("weights_precision") != "int8":
+        return False
+    target = (metadata.get("quantization") or {}).get("target_cpu_isa")
+    return int8_mismatch(target) is not None
 
 
 def target_cpu_line(metadata: dict) -> str:

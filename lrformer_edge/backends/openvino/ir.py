@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The OpenVINO IR format: header check, metadata in rt_info, weight precisions an IR records."""
 from __future__ import annotations
 
 from pathlib import Path

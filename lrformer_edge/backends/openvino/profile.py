@@ -1,8 +1,13 @@
-"""TODO docstring."""
+"""Where an OpenVINO IR spends its time: per-node and per-kernel times of a profiling runner."""
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
 
 @dataclass
@@ -56,3 +61,15 @@ def profile_table(profile: LayerProfile, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_ir(ir: str | Path, precision: str = "f32", threads: int | None = None,
+               repeats: int = 20) -> tuple[LayerProfile, dict, Path]:
+    """Profile the IR at ``ir`` (.xml, or its folder) at an explicit precision hint on a random
+    input of its shape; returns the profile, the runner's settings and the .xml path."""
+    runner = OpenVINORunner(ir, precision=precision, threads=threads, profile=True)
+    if not runner.input_specs:
+        raise ValueError(f"{runner.path} has no inputs to feed")
+    spec = runner.input_specs[0]
+    shape = tuple(1 if d is None else d for d in spec.shape)
+    feed = {spec.name: np.random.default_rng(0).random(shape, np.float32)}
+    with runner:
+        return profile_layers(runner, feed, repeats), runner.settings, runner.path

@@ -25,13 +25,12 @@ from __future__ import annotations
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
-from lrformer_edge.backends.nncf_support import FLOAT_POOLING, overflow_fix
-from lrformer_edge.cpu import (
-    DEFAULT_INT8_TARGET,
-    host_cpu,
-    int8_needs_exact_accumulation,
-    resolve_int8_target,
+from lrformer_edge.backends.nncf_support import (
+    FLOAT_POOLING,
+    overflow_fix,
+    target_isa_settings,
 )
+from lrformer_edge.cpu import DEFAULT_INT8_TARGET, resolve_int8_target
 from lrformer_edge.metrics import ConfusionMatrix
 
 IGNORED_TYPES = ("Interpolate",)
@@ -43,16 +42,6 @@ def _nncf():
     nncf = require("nncf", "openvino", "INT8 quantization")
     logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per float op otherwise
     return nncf
-
-
-
-
-def target_isa_settings(target_isa: str) -> dict:
-    """What the artifact records of its target CPU (read back by the runners)."""
-    exact = int8_needs_exact_accumulation(target_isa)
-    return {"target_cpu_isa": target_isa, "weight_bits": 8 if exact else 7,
-            "overflow_fix": "disable" if exact else "enable",
-            "needs_vnni": exact, "exported_on": host_cpu().describe()}
 
 
 def quantization_settings(calibration, max_drop, target_isa: str) -> dict:

@@ -28,6 +28,7 @@ from lrformer_edge.backends.openvino.ir import check_ir_header, read_rt_metadata
 from lrformer_edge.cpu import int8_mismatch
 
 PRECISIONS = ("f32", "bf16", "f16")
+DEFAULT_PRECISION = "f32"  # explicit: the CPU plugin would pick bf16 on AMX CPUs
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 _WARNED: set[Path] = set()  # IRs whose CPU mismatch was already said
 
@@ -47,12 +48,10 @@ def _openvino():
     return require("openvino", "openvino", "the OpenVINO runner")
 
 
-
-
 class OpenVINORunner(Runner):
     backend = "openvino"
 
-    def __init__(self, path: str | Path, precision: str = "f32", threads: int | None = None,
+    def __init__(self, path: str | Path, precision: str = DEFAULT_PRECISION, threads: int | None = None,
                  streams: int | None = None, mode: str = "latency", device: str = "CPU",
                  name: str | None = None, profile: bool = False,
                  emulate_exact_int8: bool = False):
@@ -203,7 +202,5 @@ class OpenVINORunner(Runner):
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feed)
         return {port.get_any_name(): np.asarray(value) for port, value in results.items()}
-
-
 
 

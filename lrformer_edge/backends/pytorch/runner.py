@@ -1,10 +1,17 @@
-"""PyTorch runner: the full-precision ground truth (CPU, or CUDA when present)."""
+"""PyTorch runner: the full-precision ground truth (CPU, or CUDA when present).
+
+On CUDA the runner computes in true FP32 (no TF32), which the reference tolerances assume. The
+TF32 switches are process-wide, so they are turned off while the runner is active and put back as
+they were when it is deactivated.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.artifacts.runner import Runner, TensorSpec, cpu_settings
+from lrformer_edge.registry import input_size_of
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -21,6 +28,7 @@ class TorchRunner(Runner):
         self.input_size = tuple(input_size) if input_size else None
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._saved_tf32: tuple[bool, bool] | None = None
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -33,10 +41,8 @@ class TorchRunner(Runner):
 
     @property
     def metadata(self) -> dict:
-        from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
-
-        return decode_metadata(artifact_metadata(self.model, self.input_size or
-                                                 self.model.config.data.native_size))
+        return decode_metadata(artifact_metadata(self.model,
+                                                 input_size_of(self.model, self.input_size)))
 
     @property
     def settings(self) -> dict:
@@ -46,10 +52,18 @@ class TorchRunner(Runner):
 
     def _activate(self) -> None:
         if self.device.type == "cuda":
-            # The reference tolerances assume true fp32 matmuls (no TF32).
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        self.model.to(self.device).eval()
+            self._saved_tf32 = _tf32_flags()
+            _set_tf32_flags(False, False)
+        try:
+            self.model.to(self.device).eval()
+        except BaseException:  # not activated: deactivate() will not run, so restore here
+            self._deactivate()
+            raise
+
+    def _deactivate(self) -> None:
+        if self._saved_tf32 is not None:
+            _set_tf32_flags(*self._saved_tf32)
+            self._saved_tf32 = None
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
@@ -57,3 +71,13 @@ class TorchRunner(Runner):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return {OUTPUT_NAME: logits.float().cpu().numpy()}
+
+
+def _tf32_flags() -> tuple[bool, bool]:
+    """(matmul, cuDNN) TF32 switches of this process."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_flags(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn

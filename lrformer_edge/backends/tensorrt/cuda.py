@@ -1,7 +1,15 @@
-"""TODO docstring."""
+"""CUDA devices for the TensorRT runner and engine builder: cuda-python where installed, else
+PyTorch's CUDA."""
 from __future__ import annotations
 
 import numpy as np
+
+# The pyproject extra that installs what builds and runs engines (tensorrt + cuda-python); the
+# "tensorrt" extra is NNCF only, for the Q/DQ ONNX that any machine can write.
+RUNTIME_EXTRA = "tensorrt-runtime"
+RUNTIME_INSTALL = (f"pip install 'lrformer-edge[{RUNTIME_EXTRA}]' (x86 with an NVIDIA GPU; on a "
+                   f"Jetson: JetPack's TensorRT, seen from a venv made with "
+                   f"--system-site-packages, and pip install cuda-python)")
 
 
 class _CudaPythonDevice:
@@ -105,9 +113,8 @@ def cuda_device(index: int = 0):
         torch = None
     if torch is not None and torch.cuda.is_available():
         return _TorchDevice(index, torch)
-    raise RuntimeError("the TensorRT runner needs an NVIDIA GPU and cuda-python "
-                       "(pip install cuda-python) or a CUDA build of PyTorch; neither is usable "
-                       "here")
+    raise RuntimeError(f"the TensorRT runner needs an NVIDIA GPU and cuda-python or a CUDA "
+                       f"build of PyTorch; neither is usable here. Install: {RUNTIME_INSTALL}")
 
 
 def cuda_gpu_name(index: int = 0) -> str | None:

@@ -1,17 +1,22 @@
-"""TODO docstring."""
+"""Building a TensorRT engine from a TensorRT-ready ONNX (where TensorRT and an NVIDIA GPU exist)."""
 from __future__ import annotations
 
 import json
+import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrformer_edge.artifacts.metadata import (
-    METADATA_PREFIX,
-)
+from lrformer_edge.artifacts.metadata import METADATA_PREFIX
 from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
+from lrformer_edge.backends.tensorrt.cuda import RUNTIME_INSTALL, cuda_gpu_name
 from lrformer_edge.backends.tensorrt.sidecar import sidecar_path
 from lrformer_edge.files import atomic_write, check_output_file, file_sha256
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+# The command that builds an engine from a TensorRT-ready ONNX on the target.
+TARGET_SCRIPT = "export_scripts/to_tensorrt.py"
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -22,29 +27,68 @@ class TimingCacheMismatch(ValueError):
     """A timing cache made by another TensorRT version or GPU."""
 
 
-# --------------------------------------------------------------------------- step 2: engine
-def tensorrt_unavailable_reason() -> str | None:
-    """None when an engine can be built here, else what is missing."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return ("the Python package 'tensorrt' is not installed (x86: pip install tensorrt; "
-                "Jetson: use the system TensorRT from JetPack, in a venv made with "
-                "--system-site-packages)")
-    from lrformer_edge.backends.tensorrt.cuda import cuda_gpu_name
-
-    if cuda_gpu_name() is None:
-        return ("no NVIDIA GPU visible to CUDA (checked with cuda-python, else PyTorch; "
-                "pip install cuda-python on the target)")
-    return None
-
-
 @dataclass
 class EngineOptions:
     workspace_mib: int | None = None
     dla_core: int | None = None
     timing_cache: Path | None = None
     verbose: bool = False
+
+
+# --------------------------------------------------------------------------- step 2: engine
+def tensorrt_unavailable_reason() -> str | None:
+    """None when an engine can be built here, else what is missing."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return f"the Python package 'tensorrt' is not installed; install: {RUNTIME_INSTALL}"
+    if cuda_gpu_name() is None:
+        return (f"no NVIDIA GPU visible to CUDA (checked with cuda-python, else PyTorch; "
+                f"cuda-python comes with {RUNTIME_INSTALL})")
+    return None
+
+
+def onnx_path_for(engine_path: str | Path) -> Path:
+    """Where step 1 writes the TensorRT-ready ONNX of an engine: beside it, same name, .onnx."""
+    return Path(engine_path).with_suffix(".onnx")
+
+
+def check_engine_onnx(path: str | Path, precision: str) -> dict:
+    """The metadata of a TensorRT-ready ONNX of ``precision`` written by ``export_tensorrt_onnx``
+    (``to_tensorrt.py --onnx-only``); a ValueError for any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--from-onnx {path} does not exist")
+    metadata = read_onnx_metadata(path)
+    if metadata.get("target") != "tensorrt":
+        raise ValueError(f"{path} was not written by to_tensorrt.py (no 'target: tensorrt' in its "
+                         f"metadata); export it with --onnx-only")
+    if metadata.get("precision") != precision:
+        raise ValueError(f"{path} is a {metadata.get('precision')} ONNX, but --{precision} was "
+                         f"asked for")
+    return metadata
+
+
+def target_command(onnx_path: str | Path, precision: str, engine_path: str | Path,
+                   options: EngineOptions, extra_args: Sequence[str] = ()) -> str:
+    """The shell command that builds the engine from ``onnx_path`` on the target machine."""
+    command = ["python", TARGET_SCRIPT, "--from-onnx", str(onnx_path), f"--{precision}",
+               "--output", str(engine_path)]
+    for flag, value in (("--workspace", options.workspace_mib), ("--dla-core", options.dla_core),
+                        ("--timing-cache", options.timing_cache)):
+        if value is not None:
+            command += [flag, str(value)]
+    return " ".join(shlex.quote(part) for part in [*command, *extra_args])
+
+
+def engine_not_built(reason: str, onnx_path: str | Path, command: str) -> str:
+    """What to tell a user on a machine that cannot build the engine: why, and what to run on
+    the target with the ONNX that is in place."""
+    return (f"TensorRT engine NOT built: {reason}.\n"
+            f"The TensorRT-ready ONNX is in place: {onnx_path}\n"
+            f"On the target (Jetson with JetPack 6/7, or an x86 machine with an NVIDIA GPU and "
+            f"TensorRT 10.x/11.x), run:\n    {command}\n"
+            f"(add --onnx-only here to treat writing the ONNX as success)")
 
 
 @dataclass
@@ -85,8 +129,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     if reason:
         raise TensorRTUnavailable(reason)
     import tensorrt as trt
-
-    from lrformer_edge.backends.tensorrt.cuda import cuda_gpu_name
 
     options = options or EngineOptions()
     onnx_path, engine_path = Path(onnx_path), check_output_file(engine_path)

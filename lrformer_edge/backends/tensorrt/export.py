@@ -5,9 +5,10 @@
    * fp16: FP16 weights and activations, with LayerNorm, Softmax and Resize kept in FP32 and FP32
      inputs/outputs (TensorRT 11 builds what the ONNX types say: FP16 means an FP16 ONNX).
    * int8: explicit quantization, Q/DQ from NNCF post-training calibration (``quant.qdq``).
-   Every file is structurally checked (operators in TensorRT 10's ONNX support matrix, opset
-   <= 20, int8 Q/DQ with zero-points 0), compared with PyTorch through ONNX Runtime, and only then
-   moved into place.
+   ``export_qat_qdq_onnx``: the Q/DQ ONNX of a QAT model (its NNCF quantizers as Q/DQ pairs).
+   Both go through ``write_checked_onnx``: every file is structurally checked (operators in
+   TensorRT 10's ONNX support matrix, opset <= 20, int8 Q/DQ with zero-points 0), compared with its
+   PyTorch model through ONNX Runtime, and only then moved into place.
 2. ``build_engine`` (where TensorRT and an NVIDIA GPU exist): strongly typed network (types come
    from the ONNX, the only mode TensorRT 11 has), workspace limit, timing cache (refused when it
    was made by another TensorRT/GPU), optional DLA core with GPU fallback; the engine is written
@@ -18,29 +19,36 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from lrformer_edge.artifacts.metadata import (
     artifact_metadata,
     decode_metadata,
 )
 from lrformer_edge.artifacts.parity import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    QAT_EXPORT_PARITY,
     ParityThresholds,
-    check_parity,
     parity_inputs,
     parity_thresholds,
 )
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
-from lrformer_edge.backends.onnxruntime.export import MAX_OPSET, export_onnx
+from lrformer_edge.backends.onnxruntime.export import (
+    MAX_OPSET,
+    MIN_OPSET,
+    check_onnx_parity,
+    export_onnx,
+)
 from lrformer_edge.backends.onnxruntime.format import op_histogram, read_onnx_metadata
 from lrformer_edge.files import atomic_write, check_output_file
+from lrformer_edge.registry import input_size_of
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 FP16_FLOAT_OPS = ("LayerNormalization", "Softmax", "Resize")
-
-
-
-
 
 
 def tensorrt_problems(graph) -> list[str]:
@@ -119,19 +127,15 @@ def topologically_sorted(graph):
 def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: str = "int8",
                          calibration=None, parity: ParityThresholds | None = None) -> ExportResult:
     """Write the TensorRT-ready ONNX for ``precision`` at ``output`` (checked, then renamed)."""
-    import onnx
-
-    from lrformer_edge.models.deploy import check_input_size
+    # PyTorch is imported on call: the registry imports this module and must not need it.
+    from lrformer_edge.models.deploy import check_input_size, to_deploy
 
     if precision not in TRT_PRECISIONS:
         raise ValueError(f"precision must be one of {TRT_PRECISIONS}, got {precision!r}")
     if (precision == "int8") != (calibration is not None):
         raise ValueError("int8 needs a calibration set; fp32/fp16 take none")
-    input_size = check_input_size(input_size or model.config.data.native_size)
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise ValueError(f"output must end in .onnx, got {output}")
-    check_output_file(output)
+    input_size = check_input_size(input_size_of(model, input_size))
+    output = _onnx_output(output)
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="lrformer-trt-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_size)
@@ -144,51 +148,100 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
 
             graph, quantization = quantize_qdq(graph, calibration)
             quantization["quantization"].update(qdq_summary(graph))
-        metadata = artifact_metadata(
-            model, input_size, format="onnx", target="tensorrt", precision=precision,
-            opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-            batch_size=1, fp32_onnx_parity=fp32.parity.as_dict(), **quantization)
-        del graph.metadata_props[:]
-        for key, value in metadata.items():
-            graph.metadata_props.add(key=key, value=value)
-        require_tensorrt_form(graph, "the TensorRT ONNX")
-        try:
-            onnx.checker.check_model(graph)
-        except onnx.checker.ValidationError as error:
-            raise ArtifactCheckError(f"the {precision} ONNX is invalid: {error}") from None
+    metadata = artifact_metadata(
+        model, input_size, format="onnx", target="tensorrt", precision=precision,
+        opset=_opset(graph), batch_size=1, fp32_onnx_parity=fp32.parity.as_dict(), **quantization)
+    feed = calibration.batches[0] if precision == "int8" else parity_inputs(input_size)
+    return write_checked_onnx(graph, output, metadata, to_deploy(model, input_size), feed,
+                              parity or parity_thresholds(precision),
+                              f"{precision} TensorRT ONNX", start)
+
+
+def export_qat_qdq_onnx(quantized, payload: dict, output: str | Path,
+                        feed: np.ndarray) -> ExportResult:
+    """TensorRT Q/DQ ONNX of a QAT model, checked against the torch fake-quant model it came from.
+
+    ``payload`` is its checkpoint as ``lrformer_edge.quant.qat.restore`` returns it, with the
+    QAT settings under ``"quantization"``; ``feed`` a (1, 3, H, W) batch at its input size."""
+    import torch  # on call, as in export_tensorrt_onnx
+
+    from lrformer_edge.backends.tensorrt.qdq import qdq_summary, to_signed_int8
+
+    output = _onnx_output(output)
+    start = time.time()
+    quantized.eval()
+    with tempfile.TemporaryDirectory(prefix="lrformer-qat-onnx-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
+            torch.onnx.export(_with_qdq_export(quantized), (torch.from_numpy(feed),), str(raw),
+                              dynamo=False, opset_version=MIN_OPSET, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], do_constant_folding=True)
+        graph = to_signed_int8(fold_constants(raw, Path(tmp) / "folded.onnx"))
+    metadata = artifact_metadata(
+        quantized, payload["input_size"], format="onnx", target="tensorrt", precision="int8",
+        opset=_opset(graph), batch_size=1,
+        quantization={**payload["quantization"], **qdq_summary(graph)},
+        calibration_set=payload.get("calibration_set"))
+    return write_checked_onnx(graph, output, metadata, quantized, feed, QAT_EXPORT_PARITY,
+                              "QAT Q/DQ ONNX", start, reference_name="the QAT model")
+
+
+def _with_qdq_export(quantized):
+    """A copy whose NNCF quantizers export as ONNX QuantizeLinear/DequantizeLinear pairs
+    (their default is OpenVINO's custom FakeQuantize op, which TensorRT does not parse)."""
+    import copy
+
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+
+    model = copy.deepcopy(quantized).eval()
+    for _, module in get_hook_storage(model).named_hooks():
+        if isinstance(module, BaseQuantizer):
+            module.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+    return model
+
+
+def write_checked_onnx(graph, output: Path, metadata: dict, reference, feed: np.ndarray,
+                       parity: ParityThresholds, what: str, started: float,
+                       reference_name: str | None = None) -> ExportResult:
+    """Write ``graph`` to ``output`` only when TensorRT takes it and it reproduces ``reference``.
+
+    The graph gets ``metadata`` (``artifact_metadata``), must be in TensorRT's form and valid
+    ONNX, and is compared with the PyTorch ``reference`` on ``feed`` through ONNX Runtime within
+    ``parity`` (``reference_name`` names it in the message where it is not the FP32 model);
+    ``what`` names the file in messages, ``started`` is when the export began."""
+    import onnx
+
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    require_tensorrt_form(graph, f"the {what}")
+    try:
+        onnx.checker.check_model(graph)
+    except onnx.checker.ValidationError as error:
+        raise ArtifactCheckError(f"the {what} is invalid: {error}") from None
+    label = what + (f" vs {reference_name}" if reference_name else "")
+    with tempfile.TemporaryDirectory(prefix="lrformer-trt-") as tmp:
         staged = Path(tmp) / "staged.onnx"
         onnx.save(graph, str(staged))
-        agreement = _check(model, staged, input_size, precision, calibration, parity)
+        agreement = check_onnx_parity(reference, staged, feed, parity, label)
         atomic_write(output, lambda path: Path(path).write_bytes(staged.read_bytes()))
-    return ExportResult(output, agreement, time.time() - start, op_histogram(graph),
+    return ExportResult(output, agreement, time.time() - started, op_histogram(graph),
                         decode_metadata(metadata))
 
 
-def _check(model, path, input_size, precision, calibration, parity):
-    from lrformer_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
-    from lrformer_edge.models.deploy import to_deploy
-
-    thresholds = parity or parity_thresholds(precision)
-    feed = calibration.batches[0] if precision == "int8" else parity_inputs(input_size)
-    runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
-    return check_parity(to_deploy(model, input_size), runner, feed, thresholds,
-                        f"{precision} TensorRT ONNX")
+def _onnx_output(output: str | Path) -> Path:
+    """Refuse an unusable output path before any work starts."""
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"output must end in .onnx, got {output}")
+    check_output_file(output)
+    return output
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def _opset(graph) -> int:
+    return max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def check_calibration_matches(onnx_path: Path, calibration) -> None:

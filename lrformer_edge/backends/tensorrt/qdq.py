@@ -42,16 +42,21 @@ def quantization_settings(calibration) -> dict:
         "calibration_set": calibration.describe()}
 
 
+def quantizer_rules(nncf) -> dict:
+    """What TensorRT's int8 needs of NNCF beyond its defaults (PTQ here, and QAT): NNCF's default
+    hardware config quantizes the inputs of depthwise convolutions per channel; TensorRT takes
+    per-tensor activation scales only."""
+    return {"activations_quantization_params":
+            nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False)}
+
+
 def quantize_qdq(onnx_model, calibration):
     """(Q/DQ onnx.ModelProto in TensorRT form, settings for the artifact metadata)."""
     nncf = _nncf()
     feeds = [{onnx_model.graph.input[0].name: batch} for batch in calibration.batches]
-    # NNCF's default hardware config quantizes the inputs of depthwise convolutions per channel;
-    # TensorRT takes per-tensor activation scales only.
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1, convolution=-1),
-        activations_quantization_params=nncf.quantization.advanced_parameters
-        .QuantizationParameters(per_channel=False))
+        **quantizer_rules(nncf))
     quantized = nncf.quantize(
         onnx_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
         preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(feeds),

@@ -1,10 +1,10 @@
-"""TensorRT runner: deserialises an engine built by ``export.tensorrt.build_engine``.
+"""TensorRT runner: deserialises an engine built by ``backends.tensorrt.engine.build_engine``.
 
-Device memory and the CUDA stream come from cuda-python (``pip install cuda-python``; NVIDIA's
-own binding, present on JetPack) or, when that is missing, from a CUDA build of PyTorch, so a
-Jetson without PyTorch can run and gate engines. ``settings`` reports the TensorRT version, GPU,
-the engine's precision and the memory backend; the per-call time covers host-to-device copy,
-execution and device-to-host copy.
+TensorRT and cuda-python come with ``pip install 'lrformer-edge[tensorrt-runtime]'``. Device
+memory and the CUDA stream come from cuda-python (NVIDIA's own binding, present on JetPack) or,
+when that is missing, from a CUDA build of PyTorch, so a Jetson without PyTorch can run and gate
+engines. ``settings`` reports the TensorRT version, GPU, the engine's precision and the memory
+backend; the per-call time covers host-to-device copy, execution and device-to-host copy.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from lrformer_edge.artifacts.optional import require
 from lrformer_edge.artifacts.runner import Runner, TensorSpec
-from lrformer_edge.backends.tensorrt.cuda import cuda_device
+from lrformer_edge.backends.tensorrt.cuda import RUNTIME_EXTRA, cuda_device
 
 _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64",
                  "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -68,8 +68,8 @@ class TensorRTRunner(Runner):
 
     # -- lifecycle
     def _activate(self) -> None:
-        trt = require("tensorrt", "tensorrt", "the TensorRT runner (x86: pip install tensorrt; "
-                                              "Jetson: the system TensorRT)")
+        trt = require("tensorrt", RUNTIME_EXTRA,
+                      "the TensorRT runner (on a Jetson: JetPack's TensorRT)")
         self._device = cuda_device(self.device_index)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -119,13 +119,5 @@ class TensorRTRunner(Runner):
         dtype = self._engine.get_tensor_dtype(name).name
         shape = tuple(int(d) if d >= 0 else None for d in self._engine.get_tensor_shape(name))
         return TensorSpec(name, _TRT_TO_NUMPY.get(dtype, dtype.lower()), shape)
-
-
-
-
-
-
-
-
 
 

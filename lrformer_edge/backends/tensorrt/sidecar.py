@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The JSON sidecar written next to every TensorRT engine (precision, TensorRT version, GPU,
+source ONNX hash, metadata): engines carry no metadata of their own."""
 from __future__ import annotations
 
 import json
