@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrformer_edge.backends import resolve_backend_options
+from lrformer_edge.registry import input_size_of
 
 
 @dataclass
@@ -55,8 +56,8 @@ def load_samples(data: str | None, images: int, size: tuple[int, int]) -> tuple[
     return [dataset[i] for i in range(count)], f"{data} (val, first {count})"
 
 
-def reference_input_size(config: ValidationConfig) -> tuple[int, int]:
-    """--input-size, else the first artifact that records one, else 512x512."""
+def reference_input_size(config: ValidationConfig, model) -> tuple[int, int]:
+    """--input-size, else the first artifact that records one, else the model's native size."""
     if config.input_size:
         return tuple(config.input_size)
     from lrformer_edge.validation.harness import artifact_metadata_of
@@ -68,7 +69,7 @@ def reference_input_size(config: ValidationConfig) -> tuple[int, int]:
             continue
         if size:
             return tuple(size)
-    return (512, 512)
+    return input_size_of(model)
 
 
 def run_validation(config: ValidationConfig) -> ValidationOutcome:
@@ -93,7 +94,7 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
 
         model = create_model(config.variant or BUNDLED_MODEL,
                              checkpoint=config.reference_checkpoint)
-        size = reference_input_size(config)
+        size = reference_input_size(config, model)
         class_names, palette = model.config.data.class_names, model.config.data.palette
     samples, description = load_samples(config.data, config.images, size)
     if not config.load_reference:
