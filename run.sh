@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=.venv
 PIP_VERSION=26.3
-EXTRAS="dev,openvino,tensorrt,qat,coreml"
+EXTRAS="dev,openvino,tensorrt,qat,coreml,executorch"
 LOCK=constraints.txt
 
 install() {  # install into the venv $1, with the lock file's exact versions unless $2 is "unlocked"

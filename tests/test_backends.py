@@ -28,7 +28,7 @@ from lrformer_edge.validation.gate import load_thresholds
 from lrformer_edge.validation.harness import describe_artifact, reportable_precisions
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ("pytorch", "onnxruntime", "openvino", "tensorrt", "coreml")
+NAMES = ("pytorch", "onnxruntime", "openvino", "tensorrt", "coreml", "executorch")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,8 @@ def test_records_declare_what_they_offer():
         assert set(backend.precisions) <= set(backend.precision_keys), backend.name
         assert backend.open_runner and backend.describe
     assert [b.name for b in BACKENDS if not b.exact_int8_accumulation] == ["openvino"]
-    assert [b.extra for b in BACKENDS] == [None, None, "openvino", "tensorrt-runtime", "coreml"]
+    assert [b.extra for b in BACKENDS] == [None, None, "openvino", "tensorrt-runtime", "coreml",
+                                           "executorch"]
     # TensorRT-ready ONNX (fp16, Q/DQ int8) run in ONNX Runtime too, and are gated there.
     assert set(get_backend("tensorrt").precisions) <= set(get_backend("onnxruntime").precision_keys)
     for name in ("onnxruntime", "openvino", "tensorrt", "coreml"):

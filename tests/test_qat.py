@@ -80,6 +80,7 @@ def test_calibration_from_a_video_file(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # trains, then exports to every QAT target (ExecuTorch lowering included)
 def test_qat_trains_resumes_restores_and_exports_to_every_target(dataset, tmp_path):
     work = tmp_path / "qat"
     # With the label loss too (the default is distillation only).

@@ -19,7 +19,14 @@ from lrformer_edge.artifacts.runner import (
     RunnerStateError,
     TensorSpec,
 )
-from lrformer_edge.backends import coreml, onnxruntime, openvino, pytorch, tensorrt
+from lrformer_edge.backends import (
+    coreml,
+    executorch,
+    onnxruntime,
+    openvino,
+    pytorch,
+    tensorrt,
+)
 from lrformer_edge.backends.base import Backend
 
 BACKENDS: tuple[Backend, ...] = (
@@ -28,6 +35,7 @@ BACKENDS: tuple[Backend, ...] = (
     openvino.BACKEND,
     tensorrt.BACKEND,
     coreml.BACKEND,
+    executorch.BACKEND,
 )
 
 GROUND_TRUTH = BACKENDS[0]  # the FP32 PyTorch model every artifact is measured against

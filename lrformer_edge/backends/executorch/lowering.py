@@ -1,0 +1,194 @@
+"""Deploy form -> ExecuTorch program with the XNNPACK delegate: torch.export, optional PT2E INT8
+(XNNPACK quantizer), graph shaping so the hot path is delegated (``shaping.py``), lowering,
+serialisation. Each stage is timed: the time goes into graph passes, not data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from lrformer_edge.backends.executorch.shaping import (
+    fold_batch_norms,
+    fold_constants,
+    shape_for_xnnpack,
+)
+
+# XNNPACK's int8 kernels: symmetric per-channel weights, per-tensor activations.
+QUANTIZATION = {"scheme": "PT2E static", "quantizer": "XNNPACKQuantizer",
+                "weights": "int8 symmetric per-channel", "activations": "int8 per-tensor, min/max"}
+# Calibration runs the observed graph image by image (about 1.1 s per 512x512 image for
+# LRFormer-T on 2 cores), so the 300 images of the other PTQ exports alone would take 5.5 min.
+# 64 scenes cover the procedural classes; --calib-images sets any other count.
+CALIBRATION_IMAGES = 64
+ACTIVATION_EPS = 2 ** -12  # the smallest activation scale, as XNNPACK's own config
+
+
+@dataclass
+class LoweredProgram:
+    """A serialised ``.pte`` and how it was made."""
+
+    buffer: bytes
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # export, quantize, lower, ...
+    delegated_ops: Counter = field(default_factory=Counter)  # op -> count inside XNNPACK
+    portable_ops: Counter = field(default_factory=Counter)  # op -> count left to portable kernels
+    quantization: dict = field(default_factory=dict)  # the PT2E settings (int8 only)
+    rewrites: dict = field(default_factory=dict)  # shaping rewrites made, by kind
+
+
+class _StageTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 2)
+
+
+def lower_to_executorch(deployed: torch.nn.Module, input_size: tuple[int, int],
+                        constant_methods: Mapping[str, torch.Tensor],
+                        calibration: Iterable[torch.Tensor] | None = None,
+                        log: Callable[[str], None] = print) -> LoweredProgram:
+    """``deployed``: a ``to_deploy`` model at ``input_size``; ``calibration``: normalised
+    (1, 3, H, W) batches for INT8 (None: FP32); ``constant_methods``: extra program methods
+    returning constants (the metadata)."""
+    timer = _StageTimer()
+    example = (torch.zeros(1, 3, *input_size),)
+    quantization: dict = {}
+    with _without_provenance():
+        with timer("export"):
+            module = torch.export.export(deployed, example, strict=False).module()
+            rewrites = {"constants_folded": fold_constants(module),
+                        "batch_norms_folded": fold_batch_norms(module)}
+        if calibration is not None:
+            with timer("quantize"):
+                module, quantization = quantize_pt2e(module, calibration)
+        with timer("shape"):
+            rewrites.update(shape_for_xnnpack(module, example))
+            program = torch.export.export(module, example, strict=False)
+        log(f"shaped for XNNPACK: {rewrites}")
+        with timer("lower"):
+            edge = _lower(program, constant_methods)
+    delegated, portable = count_ops(edge.exported_program())
+    with timer("serialize"):
+        buffer = bytes(edge.to_executorch().buffer)
+    return LoweredProgram(buffer, timer.seconds, delegated, portable, quantization, rewrites)
+
+
+def _lower(program, constant_methods: Mapping[str, torch.Tensor]):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    # The edge-dialect verifier re-checks every operator's dtypes after each of ~60 passes
+    # (a sixth of the lowering time); the written program is checked by running it instead
+    # (the export's parity check against PyTorch).
+    config = EdgeCompileConfig(_check_ir_validity=False)
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                       constant_methods=dict(constant_methods),
+                                       compile_config=config)
+
+
+def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]):
+    """PT2E static INT8 with the XNNPACK quantizer, calibrated on ``calibration``."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(_quantization_config())
+    prepared = prepare_pt2e(module, quantizer.set_filter_function(_not_depthwise))
+    images = 0
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+            images += 1
+    if not images:
+        raise ValueError("the calibration set is empty: INT8 needs at least one image")
+    return convert_pt2e(prepared), {**QUANTIZATION, "calibration_images": images}
+
+
+def _not_depthwise(node: torch.fx.Node) -> bool:
+    """Depthwise convolutions stay float (XNNPACK runs them in FP32 inside the delegate).
+
+    Quantized, one of LRFormer-T's was refused by XNNPACK when the program was loaded
+    ("Failed to create depthwise convolution node ... xnn_status_invalid_parameter"), and
+    they are memory-bound: int8 would save little."""
+    if node.target is not torch.ops.aten.conv2d.default:
+        return True
+    groups = node.args[6] if len(node.args) > 6 else 1
+    return groups == 1
+
+
+def _quantization_config():
+    """XNNPACK's symmetric per-channel config with min/max activation observers.
+
+    Its default histogram observers search every activation's range at convert time: 355 s
+    for LRFormer-T on 2 cores, and one range so narrow that XNNPACK refused the depthwise
+    convolution it fed (requantization scale out of range) when the program was loaded."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    activation = dataclasses.replace(
+        config.input_activation,
+        observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=ACTIVATION_EPS))
+    return dataclasses.replace(config, input_activation=activation, output_activation=activation)
+
+
+@contextmanager
+def _without_provenance() -> Iterator[None]:
+    """Trace and lower without fx's node provenance (``meta["from_node"]``).
+
+    Every pass that re-traces a graph deep-copies each node's whole provenance chain into the
+    new node, so the cost grows with the square of the number of passes: on LRFormer it was
+    about a third of the lowering time. Provenance serves debugging tools only; nodes keep
+    their names and stack traces.
+    """
+    from torch.fx import traceback as fx_traceback
+
+    original = fx_traceback.NodeSource.__init__
+
+    def without_history(self, node, pass_name="", action=None):
+        history = node.meta.pop("from_node", None) if node is not None else None
+        try:
+            original(self, node, pass_name, action)
+        finally:
+            if history is not None:
+                node.meta["from_node"] = history
+
+    fx_traceback.NodeSource.__init__ = without_history
+    try:
+        yield
+    finally:
+        fx_traceback.NodeSource.__init__ = original
+
+
+def count_ops(program) -> tuple[Counter, Counter]:
+    """Operators inside XNNPACK delegates and those left to portable kernels, by name."""
+    delegated, portable = Counter(), Counter()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _op_name(node.target)
+        if name == "executorch_call_delegate":
+            lowered = getattr(program.graph_module, node.args[0].target)
+            delegated.update(_op_name(inner.target)
+                             for inner in lowered.original_module.graph.nodes
+                             if inner.op == "call_function")
+        elif name != "getitem":
+            portable[name] += 1
+    return delegated, portable
+
+
+def _op_name(target) -> str:
+    """``aten.convolution`` for ``aten.convolution.default`` (as ETDump names the op)."""
+    name = getattr(target, "__name__", None) or str(target)
+    name = name.split(": schema")[0].removeprefix("<EdgeOpOverload: ").rstrip(">")
+    return name.rsplit(".", 1)[0] if name.count(".") >= 2 else name

@@ -1,0 +1,85 @@
+"""The XNNPACK shaping of the deploy form (same arithmetic, nothing XNNPACK refuses left) and
+the delegation report (ETDump), on the tiny variant."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch", reason="the ExecuTorch tests need the executorch extra: "
+                                         "pip install 'lrformer-edge[executorch]'")
+
+from lrformer_edge.backends.executorch.delegation import DelegationReport, measure_delegation
+from lrformer_edge.backends.executorch.lowering import lower_to_executorch
+from lrformer_edge.backends.executorch.shaping import (
+    fold_batch_norms,
+    fold_constants,
+    shape_for_xnnpack,
+)
+from lrformer_edge.models.deploy import to_deploy
+from lrformer_edge.models.factory import create_model
+
+SIZE = (64, 96)
+aten = torch.ops.aten
+# What XNNPACK cannot take and the shaping must remove (channel means are checked by shape).
+REFUSED = {aten.layer_norm.default, aten.scaled_dot_product_attention.default,
+           aten.chunk.default, aten.batch_norm.default, aten.matmul.default}
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    torch.manual_seed(0)
+    model = create_model("lrformer-test", pretrained=False)
+    for module in model.modules():  # non-trivial batch-norm statistics to fold
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return to_deploy(model.eval(), SIZE)
+
+
+def test_shaping_keeps_the_arithmetic_and_leaves_nothing_xnnpack_refuses(deployed):
+    example = (torch.randn(1, 3, *SIZE),)
+    module = torch.export.export(deployed, example, strict=False).module()
+    made = {"constants": fold_constants(module), "batch_norms": fold_batch_norms(module)}
+    made.update(shape_for_xnnpack(module, example))
+    for kind in ("constants", "batch_norms", "channel_mean_as_conv", "layer_norm_as_linears",
+                 "attention_as_bmm", "constant_matmul_as_bmm", "chunk_as_slices"):
+        assert made.get(kind, 0) > 0, f"no {kind} rewrite made: {made}"
+    targets = [node.target for node in module.graph.nodes if node.op == "call_function"]
+    assert not REFUSED & set(targets), REFUSED & set(targets)
+    channel_means = [node for node in module.graph.nodes if node.target is aten.mean.dim
+                     and list(node.args[1]) in ([1], [-3])]
+    assert not channel_means
+    with torch.no_grad():
+        expected, shaped = deployed(*example), module(*example)
+    assert torch.allclose(shaped, expected, atol=1e-5, rtol=1e-5), \
+        (shaped - expected).abs().max()
+
+
+class _WithFallback(torch.nn.Module):
+    """A convolution XNNPACK runs and a cumulative sum it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), dim=1)
+
+
+@pytest.mark.slow
+def test_the_delegation_report_names_what_runs_outside_xnnpack():
+    lowered = lower_to_executorch(_WithFallback().eval(), (32, 32), {}, log=lambda line: None)
+    assert lowered.portable_ops["aten.cumsum"] == 1
+    assert lowered.delegated_ops["aten.convolution"] == 1
+    feed = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    report = measure_delegation(lowered.buffer, feed, runs=3,
+                                delegated_ops=lowered.delegated_ops,
+                                portable_ops=lowered.portable_ops)
+    assert report.runs == 3 and report.method_ms > 0
+    assert "aten.cumsum" in report.portable_ms and report.portable_ms["aten.cumsum"] > 0
+    assert 0.0 < report.xnnpack_share < 1.0
+    assert report.delegate_ms + sum(report.portable_ms.values()) <= report.method_ms * 1.05
+    summary = report.summary()
+    assert "XNNPACK runs 1 of 2 operators" in summary and "aten.cumsum x1" in summary
+    assert DelegationReport.from_dict(report.as_dict()).summary() == summary
