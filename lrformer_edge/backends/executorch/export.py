@@ -84,10 +84,8 @@ def export_executorch(model, output: str | Path, input_size=None, precision: str
     check_calibration(precision, calibration, input_size)
     start = time.time()
     deployed = to_deploy(model, input_size).eval()
-    described = dict(
-        format=FORMAT, precision=precision, delegate=DELEGATE,
-        executorch_version=importlib.metadata.version("executorch"),
-        **({"calibration_set": calibration.describe()} if calibration is not None else {}))
+    described = program_description(
+        precision, **({"calibration_set": calibration.describe()} if calibration else {}))
     reserved = reserve_metadata(artifact_metadata(model, input_size, **described))
     from lrformer_edge.backends.executorch.lowering import lower_to_executorch
 
@@ -103,19 +101,39 @@ def export_executorch(model, output: str | Path, input_size=None, precision: str
     buffer = fill_metadata(lowered.buffer, reserved, metadata)
     for line in export_report(decode_metadata(metadata)):
         log(line)
-    thresholds = parity or parity_thresholds(precision)
+    agreement = write_checked_program(output, buffer, deployed, feed,
+                                      parity or parity_thresholds(precision), output.name,
+                                      threads=threads)
+    return ExportResult(output, agreement, time.time() - start, op_counts(lowered),
+                        decode_metadata(metadata))
+
+
+def program_description(precision: str, **extra) -> dict:
+    """The metadata every ExecuTorch program of ours records beside the model's."""
+    return dict(format=FORMAT, precision=precision, delegate=DELEGATE,
+                executorch_version=importlib.metadata.version("executorch"), **extra)
+
+
+def write_checked_program(output: Path, buffer: bytes, reference, feed, thresholds, what: str,
+                          threads: int | None = None):
+    """Write ``buffer`` to a temporary file beside ``output``, run it in ExecuTorch against
+    ``reference`` (a torch module) on ``feed`` and rename it into place only if the parity holds;
+    returns the parity."""
     agreement = None
 
     def write_checked(tmp: str) -> None:
         nonlocal agreement
         Path(tmp).write_bytes(buffer)
-        agreement = check_parity(deployed, ExecuTorchRunner(tmp, threads=threads), feed,
-                                 thresholds, output.name)
+        agreement = check_parity(reference, ExecuTorchRunner(tmp, threads=threads), feed,
+                                 thresholds, what)
 
     atomic_write(output, write_checked, suffix=PTE_SUFFIX)
-    return ExportResult(output, agreement, time.time() - start,
-                        dict(sorted((lowered.delegated_ops + lowered.portable_ops).items())),
-                        decode_metadata(metadata))
+    return agreement
+
+
+def op_counts(lowered) -> dict[str, int]:
+    """Every operator of the program, inside XNNPACK or not, by name."""
+    return dict(sorted((lowered.delegated_ops + lowered.portable_ops).items()))
 
 
 def lowering_record(lowered) -> dict:

@@ -32,7 +32,6 @@ convolution/linear must land inside XNNPACK, or nothing is written.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import time
 import warnings
 from collections.abc import Callable
@@ -44,13 +43,14 @@ from torch import fx, nn
 
 from lrformer_edge.artifacts.metadata import artifact_metadata, decode_metadata
 from lrformer_edge.artifacts.optional import require
-from lrformer_edge.artifacts.parity import ParityThresholds, check_parity
+from lrformer_edge.artifacts.parity import ParityThresholds
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
 from lrformer_edge.backends.executorch.export import (
-    DELEGATE,
-    FORMAT,
     check_output_path,
     lowering_record,
+    op_counts,
+    program_description,
+    write_checked_program,
 )
 from lrformer_edge.backends.executorch.format import (
     EXTRA,
@@ -60,8 +60,6 @@ from lrformer_edge.backends.executorch.format import (
     metadata_methods,
     reserve_metadata,
 )
-from lrformer_edge.backends.executorch.runner import ExecuTorchRunner
-from lrformer_edge.files import atomic_write
 
 # QAT_EXPORT_PARITY's cosine: a wrong scale or a lost quantizer lands far below it. The argmax
 # bound is lower, for step 3 (an int8 rounding the QAT model does not have) on the random test
@@ -94,11 +92,8 @@ def export_qat_executorch(quantized, payload: dict, output: str | Path, feed: np
     quantized.eval()
     module, record = xnnpack_int8_module(quantized, feed, requantization_images(quantized,
                                                                                  payload))
-    described = dict(
-        format=FORMAT, precision="int8", delegate=DELEGATE,
-        executorch_version=importlib.metadata.version("executorch"),
-        quantization={**payload["quantization"], **record},
-        calibration_set=payload.get("calibration_set"))
+    described = program_description("int8", quantization={**payload["quantization"], **record},
+                                    calibration_set=payload.get("calibration_set"))
     reserved = reserve_metadata(artifact_metadata(quantized, input_size, **described))
     from lrformer_edge.backends.executorch.lowering import lower_to_executorch
 
@@ -108,17 +103,9 @@ def export_qat_executorch(quantized, payload: dict, output: str | Path, feed: np
     buffer = fill_metadata(lowered.buffer, reserved, metadata)
     for line in export_report(decode_metadata(metadata)):
         log(line)
-    agreement = None
-
-    def write_checked(tmp: str) -> None:
-        nonlocal agreement
-        Path(tmp).write_bytes(buffer)
-        agreement = check_parity(quantized, ExecuTorchRunner(tmp), feed, QAT_REQUANTIZED_PARITY,
-                                 f"{output.name} vs the QAT model")
-
-    atomic_write(output, write_checked, suffix=output.suffix)
-    return ExportResult(output, agreement, time.time() - start,
-                        dict(sorted((lowered.delegated_ops + lowered.portable_ops).items())),
+    agreement = write_checked_program(output, buffer, quantized, feed, QAT_REQUANTIZED_PARITY,
+                                      f"{output.name} vs the QAT model")
+    return ExportResult(output, agreement, time.time() - start, op_counts(lowered),
                         decode_metadata(metadata))
 
 
