@@ -35,6 +35,7 @@ from lrformer_edge.models.deploy import check_input_size
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.postprocess import colorize
+from lrformer_edge.progress import heartbeat
 from lrformer_edge.reference import DEFAULT_REFERENCE_DIR, check_against_golden
 from lrformer_edge.registry import BUNDLED_MODEL, get_config, input_size_of
 from lrformer_edge.resources import check_export_size
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
 
     reference = Path(args.reference_dir)
     if (reference / "lrformer-t.golden.npz").is_file():
-        golden = check_against_golden(reference)
+        with heartbeat("checking against the official golden outputs"):
+            golden = check_against_golden(reference)
         report["faithfulness"] = golden
         for case in golden["cases"]:
             print(f"faithful to the official LRFormer-T on {case['shape']}: max error "
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
 
     with SegmentationPipeline.from_model(model) as pipeline:
         metrics = evaluate_pipeline(
-            pipeline, procedural_validation_samples(args.images, tuple(args.size)), keep)
+            pipeline, procedural_validation_samples(args.images, tuple(args.size)), keep,
+            total=args.images, label="PyTorch FP32")
     latency = statistics.median(metrics.pop("inference_seconds"))
     names = model.config.data.class_names
     print(f"\nmIoU on {metrics['images']} held-out procedural scenes ({args.size[0]}x{args.size[1]}): "
@@ -128,7 +131,8 @@ def export_and_validate(model, args, output: Path, torch_labels: dict, torch_met
     print("\n" + result.summary())
     with SegmentationPipeline.from_artifact(result.path) as pipeline:
         metrics = evaluate_pipeline(pipeline, procedural_validation_samples(args.images, size),
-                                    reference_labels=torch_labels)
+                                    reference_labels=torch_labels, total=args.images,
+                                    label="ONNX Runtime FP32")
     latency = statistics.median(metrics.pop("inference_seconds"))
     agreement = metrics["pixel_agreement"]
     delta = 100 * (metrics["mIoU"] - torch_metrics["mIoU"])

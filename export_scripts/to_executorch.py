@@ -8,7 +8,7 @@ ARM Linux CPUs; FP32 or INT8, parity-checked against PyTorch in ExecuTorch's run
 
 The deploy form goes through torch.export and to_edge_transform_and_lower with the XNNPACK
 partitioner; --int8 first quantizes it with PT2E and the XNNPACK quantizer (symmetric int8,
-per-channel weights), activations calibrated on --calib-images images of --calib-data (64
+per-channel weights), activations calibrated on --calib-images images of --calib-data (32
 procedural scenes by default; seeded, and hashed into the metadata). The program carries the
 artifact metadata (variant, classes, palette, mean/std, input size, checkpoint and calibration
 hashes, versions, the export's stage timings and operator counts) in a constant method,
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 
 from lrformer_edge.backends.executorch.export import check_output_path, export_executorch
-from lrformer_edge.backends.executorch.lowering import CALIBRATION_IMAGES
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_model_arguments,
@@ -41,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--int8", action="store_true",
                         help="PT2E INT8 (XNNPACK quantizer), calibrated on --calib-data")
-    add_calibration_arguments(parser, images=CALIBRATION_IMAGES, what="--int8")
+    add_calibration_arguments(parser, what="--int8")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="ExecuTorch threads for the parity check (default: ExecuTorch's)")
     add_validate_argument(parser)

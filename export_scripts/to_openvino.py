@@ -7,9 +7,10 @@
 The IR embeds its metadata in rt_info (for INT8 also the quantization settings and the
 calibration set's source, size, seed and SHA-256), is compared with the PyTorch model by an
 OpenVINO runner set explicitly to f32 inference precision (OpenVINO defaults to bf16 on AMX CPUs),
-and must compile under the f32, bf16 and f16 hints before the folder is written.
+and must compile under the f32, bf16 and f16 hints before the folder is written (those the CPU
+runs natively: on a CPU without bf16/f16 those hints run the f32 program, and the summary says so).
 INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric, SmoothQuant off) on
---calib-images real images (300 by default) of --calib-data; --max-drop enables accuracy control
+--calib-images real images (32 by default) of --calib-data; --max-drop enables accuracy control
 against the FP32 model's own predictions (mIoU points). --cpu-isa names the x86 CPUs the INT8 IR
 must be correct on (default portable: every x86 CPU; vnni/amx: full 8-bit weights that saturate
 on CPUs without VNNI); the IR records it and the runner warns on a CPU it does not suit.
@@ -20,12 +21,18 @@ from __future__ import annotations
 
 import argparse
 
-from lrformer_edge.backends.openvino.export import export_openvino, target_cpu_line
+from lrformer_edge.backends.nncf_statistics import statistics_cache_from_args
+from lrformer_edge.backends.openvino.export import (
+    compile_check_line,
+    export_openvino,
+    target_cpu_line,
+)
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_int8_target_argument,
     add_model_arguments,
+    add_statistics_cache_arguments,
     add_validate_argument,
     check_calibration_arguments,
     check_output_argument,
@@ -41,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=IR_PRECISIONS, default="fp32",
                         help="weights precision of the IR")
     add_calibration_arguments(parser)
+    add_statistics_cache_arguments(parser)
     parser.add_argument("--max-drop", type=float,
                         help="int8: accuracy control, largest mIoU drop (points) vs FP32")
     add_int8_target_argument(parser)
@@ -63,11 +71,12 @@ def main(argv=None) -> int:
     return export_command(
         args, lambda model, size, calibration: export_openvino(
             model, args.output, size, args.precision, calibration=calibration,
-            max_drop=args.max_drop, target_isa=args.cpu_isa),
+            max_drop=args.max_drop, target_isa=args.cpu_isa,
+            statistics_cache=statistics_cache_from_args(args)),
         what=f"an {args.precision} OpenVINO IR", calibrates=args.precision == "int8",
         describe=lambda metadata: [
             target_cpu_line(metadata),
-            "compiles under the f32, bf16 and f16 inference-precision hints"])
+            compile_check_line()])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from lrformer_edge.backends.tensorrt.export import TRT_PRECISIONS
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_model_arguments,
+    add_statistics_cache_arguments,
     add_validate_argument,
     check_calibration_arguments,
     check_output_argument,
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in TRT_PRECISIONS:
         precision.add_argument(f"--{name}", dest="precision", action="store_const", const=name)
     add_calibration_arguments(parser, what="--int8")
+    add_statistics_cache_arguments(parser)
     parser.add_argument("--qat-checkpoint", type=Path, metavar="CKPT",
                         help="int8: take Q/DQ from a QAT checkpoint of calibration/qat.py "
                              "instead of post-training calibration")

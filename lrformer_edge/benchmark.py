@@ -42,6 +42,7 @@ from lrformer_edge.evaluation import (
 from lrformer_edge.files import artifact_size_bytes, atomic_write
 from lrformer_edge.models.factory import create_model
 from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.progress import heartbeat, track
 from lrformer_edge.registry import BUNDLED_MODEL
 from lrformer_edge.resources import check_export_size
 
@@ -74,11 +75,12 @@ def measure_interleaved(runners: list, feed: dict, warmup: int = 5, iterations: 
     ratios between them are fair. Between calls the machine rests ``settle_seconds``: ONNX
     Runtime's and OpenVINO's worker threads spin for a while after a call and would otherwise
     steal the cores from the next backend."""
-    for runner in runners:
+    for runner in track(runners, what="backends", label=f"warm-up ({warmup} calls each)"):
         for _ in range(warmup):
             runner.infer(feed)
         runner.timings.clear()
-    for _ in range(iterations):
+    for _ in track(range(iterations), what="rounds",
+                   label=f"latency of {len(runners)} backends round-robin"):
         for runner in runners:
             time.sleep(settle_seconds)
             runner.infer(feed)
@@ -151,7 +153,8 @@ def run_benchmark(model, input_size, work_dir, eval_images: int = 20, iterations
     feed = {"input": parity_inputs(input_size)}
     measured, runners = measure_latency(measured, feed, warmup, iterations, log)
     measure_accuracy(measured, runners, model.config.data,
-                     lambda: procedural_validation_samples(eval_images, tuple(input_size)), log)
+                     lambda: procedural_validation_samples(eval_images, tuple(input_size)), log,
+                     eval_images)
     measure_throughput(measured, feed)
     return rows
 
@@ -206,16 +209,17 @@ def measure_latency(measured, feed: dict, warmup: int, iterations: int, log):
     return measured, runners
 
 
-def measure_accuracy(measured, runners, data, samples, log) -> None:
-    """mIoU of each row on the held-out scenes (``samples()``), and its pixel agreement with the
-    first row's labels (PyTorch, the ground truth)."""
+def measure_accuracy(measured, runners, data, samples, log, images: int | None = None) -> None:
+    """mIoU of each row on the held-out scenes (``samples()``: ``images`` of them), and its pixel
+    agreement with the first row's labels (PyTorch, the ground truth)."""
     reference_labels = None
     for (row, candidate), runner in zip(measured, runners):
         log(f"accuracy of {candidate.format} {candidate.precision}")
         labels: dict = {}
         with runner:
             metrics = evaluate_pipeline(SegmentationPipeline(runner, data), samples(),
-                                        keep_labels(labels), reference_labels)
+                                        keep_labels(labels), reference_labels, images,
+                                        f"accuracy of {candidate.format} {candidate.precision}")
         if reference_labels is None:
             reference_labels = labels
         row.miou = metrics["mIoU"]
@@ -229,7 +233,7 @@ def measure_throughput(measured, feed: dict) -> None:
         if candidate.throughput:
             runner = candidate.make_runner()
             runner.mode = "throughput"
-            with runner:
+            with heartbeat(f"throughput of {candidate.format} {candidate.precision}"), runner:
                 row.fps = runner.throughput(feed)
 
 

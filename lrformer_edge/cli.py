@@ -84,6 +84,18 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, default_source: s
     parser.add_argument("--seed", type=int, default=0, help=f"{what}: calibration sampling seed")
 
 
+def add_statistics_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--statistics-cache FILE / --no-statistics-cache, for the exports that calibrate with
+    NNCF (``lrformer_edge.backends.nncf_statistics``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--statistics-cache", metavar="FILE",
+                       help="int8: calibration statistics cache file (default: one per model, "
+                            "input size and calibration set under $LRFORMER_EDGE_CACHE or "
+                            "~/.cache/lrformer-edge); a file made for another export is refused")
+    group.add_argument("--no-statistics-cache", action="store_true",
+                       help="int8: run the statistics pass, neither reading nor writing a cache")
+
+
 def check_calibration_arguments(parser: argparse.ArgumentParser, args, calibrates: bool = True,
                                 what: str = "int8") -> None:
     """Refuse a calibration count below 1 and, for an export that does not calibrate

@@ -28,7 +28,7 @@ from lrformer_edge.cli import calibration_from_args
 from lrformer_edge.evaluation import (
     against_ground_truth,
     describe_against_ground_truth,
-    procedural_validation_samples,
+    procedural_validation_set,
     proxy_accuracy,
 )
 from lrformer_edge.models.factory import create_model
@@ -62,8 +62,8 @@ def validate_pipeline(model, pipeline, metadata: dict, images: int, name: str,
     FP32 PyTorch ``model`` on ``images`` held-out procedural scenes at the artifact's size."""
     check_exported_from(model, metadata)
     size = tuple(metadata["input_size"])
-    result = against_ground_truth(model, pipeline, procedural_validation_samples(images, size),
-                                  size)
+    result = against_ground_truth(model, pipeline, procedural_validation_set(images, size), size,
+                                  name)
     log(describe_against_ground_truth(result, name))
     return result
 

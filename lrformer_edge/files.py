@@ -12,6 +12,15 @@ from pathlib import Path
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 
 
+CACHE_ENV = "LRFORMER_EDGE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where reusable intermediate results live (calibration statistics, generated calibration
+    scenes): ``$LRFORMER_EDGE_CACHE``, else ``~/.cache/lrformer-edge``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lrformer-edge")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

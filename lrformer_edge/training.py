@@ -35,6 +35,7 @@ from lrformer_edge.models.checkpoint import (
 )
 from lrformer_edge.pipeline import SegmentationPipeline
 from lrformer_edge.preprocess import normalize, rescale_size
+from lrformer_edge.progress import track
 
 
 @dataclass
@@ -257,10 +258,11 @@ def evaluate(model: nn.Module, dataset, data_config, device, max_images: int | N
     deploy-form model; shards over processes when DDP. ``dataset``: any indexable of samples."""
     info = info or DistInfo()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    shard = (dataset[i] for i in range(info.rank, count, info.world_size))
+    indices = range(info.rank, count, info.world_size)
     runner = TorchRunner(model, input_size=input_size, device=str(device))
     with SegmentationPipeline(runner, data_config, input_size) as pipeline:
-        matrix, _ = confusion_of(pipeline, shard)
+        matrix, _ = confusion_of(pipeline, (dataset[i] for i in indices), total=len(indices),
+                                 label="validation")
     return summed_over_processes(matrix, info).compute()
 
 
@@ -340,7 +342,8 @@ def train(config: TrainConfig) -> dict:
                    f"{len(train_set)} images, {info.world_size} process(es) on {device}, "
                    f"iterations {run.start_iter}..{config.iters}", _print)
     started, clock = time.time(), StepClock(config.iters)
-    for iteration in range(run.start_iter, config.iters):
+    for iteration in track(range(run.start_iter, config.iters), what="iterations",
+                           label="training"):
         loss = _train_step(run, next(batches), iteration)
         _after_step(run, iteration + 1, loss, clock)
     summary = {"variant": config.variant, "iters": config.iters, "best": run.best,

@@ -13,6 +13,21 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
                       max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def statistics_cache_dir(tmp_path_factory):
+    """The suite's calibration statistics cache (and its CLI subprocesses'): never the user's."""
+    from lrformer_edge.files import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("lrformer-edge-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def reference_dir():
     if not (DEFAULT_REFERENCE_DIR / "lrformer-t.golden.npz").is_file():

@@ -83,3 +83,58 @@ def test_the_delegation_report_names_what_runs_outside_xnnpack():
     summary = report.summary()
     assert "XNNPACK runs 1 of 2 operators" in summary and "aten.cumsum x1" in summary
     assert DelegationReport.from_dict(report.as_dict()).summary() == summary
+
+
+@pytest.mark.slow
+def test_skipping_the_xnnpack_passes_that_find_nothing_gives_the_same_program(deployed,
+                                                                              monkeypatch):
+    from lrformer_edge.backends.executorch import lowering
+
+    pruned = lower_to_executorch(deployed, SIZE, {}, log=lambda line: None)
+    monkeypatch.setattr(lowering, "_PASS_APPLIES", {})
+    full = lower_to_executorch(deployed, SIZE, {}, log=lambda line: None)
+    assert pruned.delegated_ops == full.delegated_ops and not pruned.portable_ops
+    assert pruned.buffer == full.buffer
+
+
+class _WithSkippableOps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.act = torch.nn.PReLU()
+
+    def forward(self, x):
+        return self.act(self.norm(torch.cumsum(self.conv(x), dim=2)))
+
+
+def test_the_xnnpack_passes_run_when_their_ops_are_present(monkeypatch):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge, to_edge_transform_and_lower
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from lrformer_edge.backends.executorch import lowering
+
+    applies = {}
+
+    def recorded(name, test):
+        def run(graph):
+            applies[name] = test(graph)
+            return applies[name]
+        return run
+
+    monkeypatch.setattr(lowering, "_PASS_APPLIES", {
+        name: recorded(name, test) for name, test in lowering._PASS_APPLIES.items()})
+    program = torch.export.export(_WithSkippableOps().eval(), (torch.randn(1, 4, 16, 16),))
+    with lowering._only_applicable_xnnpack_passes():
+        to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    assert applies == {"FuseBatchNormPass": True, "DecomposeBatchNorm": True,
+                       "Conv1dUnsqueezePass": False, "PReLUReshapePass": False,
+                       "ConvertToSDPAPass": False}
+    conv1d = torch.export.export(torch.nn.Conv1d(4, 4, 3), (torch.randn(1, 4, 16),))
+    assert lowering._PASS_APPLIES["Conv1dUnsqueezePass"](to_edge(conv1d).exported_program().graph)
+    # The pass rewrites the ATen kernel, which this partitioner keeps as aten.prelu: built here.
+    prelu = torch.fx.Graph()
+    x, weight = prelu.placeholder("x"), prelu.placeholder("weight")
+    prelu.output(prelu.call_function(exir_ops.edge.aten._prelu_kernel.default, (x, weight)))
+    assert lowering._PASS_APPLIES["PReLUReshapePass"](prelu)

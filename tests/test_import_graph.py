@@ -63,7 +63,8 @@ LAYERS = (
     ("core", ("lrformer_edge", "lrformer_edge.files", "lrformer_edge.cpu",
               "lrformer_edge.registry", "lrformer_edge.data.*", "lrformer_edge.metrics",
               "lrformer_edge.models.*", "lrformer_edge.preprocess", "lrformer_edge.postprocess",
-              "lrformer_edge.resources", "lrformer_edge.reference", "lrformer_edge.summary")),
+              "lrformer_edge.resources", "lrformer_edge.reference", "lrformer_edge.summary",
+              "lrformer_edge.progress")),
     ("artifacts", ("lrformer_edge.artifacts.*",)),
     ("backends", ("lrformer_edge.backends.*",)),
     ("pipeline", ("lrformer_edge.pipeline",)),
@@ -79,7 +80,8 @@ LAYERS = (
 )
 
 BACKENDS = "lrformer_edge.backends"
-SHARED_BACKEND_MODULES = ("lrformer_edge.backends.base", "lrformer_edge.backends.nncf_support")
+SHARED_BACKEND_MODULES = ("lrformer_edge.backends.base", "lrformer_edge.backends.nncf_support",
+                          "lrformer_edge.backends.nncf_statistics")
 ONNX_BUILDING_BLOCKS = ("lrformer_edge.backends.onnxruntime.export",
                         "lrformer_edge.backends.onnxruntime.format")
 
@@ -156,7 +158,7 @@ def backend_folder_violations(graph: ImportGraph) -> list[str]:
                        or backend_folder(graph, imp.target) == folder)
             if not allowed:
                 problems.append(_describe(imp, f"backends/{folder}/ imports only artifacts, "
-                                               f"backends/base.py, backends/nncf_support.py, its "
+                                               f"backends/base.py, backends/nncf_support.py, backends/nncf_statistics.py, its "
                                                f"own folder and onnxruntime/{{export,format}}.py"))
         elif imp.importer in SHARED_BACKEND_MODULES and imp.target not in SHARED_BACKEND_MODULES:
             problems.append(_describe(imp, "the shared backend modules import no backend"))

@@ -17,7 +17,7 @@ from lrformer_edge.pipeline import SegmentationPipeline
 
 pytest.importorskip("openvino", reason="needs the openvino extra: pip install 'lrformer-edge[openvino]'")
 
-from lrformer_edge.backends.openvino.export import export_openvino
+from lrformer_edge.backends.openvino.export import compile_check_line, export_openvino
 from lrformer_edge.backends.openvino.runner import OpenVINORunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_to_openvino_cli(tmp_path):
                "lrformer-test", "--input-size", "64", "64", "--output", str(tmp_path / "ir")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "compiles under the f32, bf16 and f16" in result.stdout
+    assert compile_check_line() in result.stdout  # every hint, or what runs as f32 here
     bad = subprocess.run(command[:-2] + ["--precision", "int4", "--output", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
@@ -254,3 +254,13 @@ def test_layer_profile_of_an_ir(fp32_ir, tmp_path):
                               "--ir", str(tmp_path / "none.xml")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and missing.stderr.startswith("error:"), missing.stderr
+
+
+def test_the_compile_check_names_every_hint_whatever_the_cpu():
+    from lrformer_edge.backends.openvino.runner import PRECISIONS, native_precisions
+
+    native = native_precisions()
+    assert "f32" in native and set(native) <= set(PRECISIONS)
+    line = compile_check_line()
+    assert all(hint in line for hint in PRECISIONS)
+    assert ("run as f32 on this CPU" in line) == (len(native) < len(PRECISIONS))

@@ -8,6 +8,7 @@ import numpy as np
 
 from lrformer_edge.artifacts.result import ArtifactCheckError
 from lrformer_edge.metrics import Agreement, compare_logits
+from lrformer_edge.progress import heartbeat
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -73,13 +74,14 @@ def check_parity(model, runner, feed: np.ndarray, thresholds: ParityThresholds |
 
     from lrformer_edge.artifacts.runner import RunnerStateError
 
-    with torch.no_grad():
-        reference = model(torch.from_numpy(feed)).numpy()
-    try:
-        with runner:
-            candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
-    except RunnerStateError as error:  # the artifact does not load or compile
-        raise ArtifactCheckError(f"{name} cannot be run: {error}") from None
+    with heartbeat(f"parity check of {name}"):
+        with torch.no_grad():
+            reference = model(torch.from_numpy(feed)).numpy()
+        try:
+            with runner:
+                candidate = runner.infer({INPUT_NAME: feed})[OUTPUT_NAME]
+        except RunnerStateError as error:  # the artifact does not load or compile
+            raise ArtifactCheckError(f"{name} cannot be run: {error}") from None
     agreement = compare_logits(reference, candidate)
     if thresholds is not None:
         problems = thresholds.violations(agreement)

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from lrformer_edge.data.classes import PROCEDURAL_CLASSES, PROCEDURAL_PALETTE
+from lrformer_edge.progress import track
 
 C = {name: index for index, name in enumerate(PROCEDURAL_CLASSES)}
 
@@ -336,13 +337,15 @@ def _write_ade20k_sample(job) -> None:
 
 def _run_jobs(function, jobs: list, workers: int) -> None:
     if workers <= 1 or len(jobs) < 8:
-        for job in jobs:
+        for job in track(jobs, what="scenes", label="writing scenes"):
             function(job)
         return
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(function, jobs, chunksize=8))
+        for _ in track(pool.map(function, jobs, chunksize=8), len(jobs), "scenes",
+                       f"writing scenes ({workers} processes)"):
+            pass
 
 
 def write_ade20k_layout(root: str | Path, seeds_by_split: dict[str, range],
@@ -380,7 +383,7 @@ def write_cityscapes_layout(root: str | Path, seeds_by_split: dict[str, range],
         labels = root / "gtFine" / split / city
         images.mkdir(parents=True, exist_ok=True)
         labels.mkdir(parents=True, exist_ok=True)
-        for index, seed in enumerate(seeds):
+        for index, seed in enumerate(track(seeds, what="scenes", label=f"writing {split}")):
             scene = generate_scene(seed, *size)
             stem = f"{city}_{index:06d}_{seed:06d}"
             cv2.imwrite(str(images / f"{stem}_leftImg8bit.png"),

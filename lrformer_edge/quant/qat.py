@@ -48,6 +48,7 @@ from lrformer_edge.data.datasets import IGNORE_INDEX, open_dataset
 from lrformer_edge.files import atomic_write
 from lrformer_edge.models.deploy import check_input_size, to_deploy
 from lrformer_edge.models.factory import create_model
+from lrformer_edge.progress import track
 from lrformer_edge.registry import input_size_of
 from lrformer_edge.training import (
     AugmentedSegmentation,
@@ -306,7 +307,7 @@ def train_qat(config: QATConfig, log=print) -> dict:
             f"weight {config.distill_weight} (T={config.temperature}), BatchNorm statistics "
             f"{'updated' if config.update_bn_stats else 'frozen'}")
     started, clock = time.time(), StepClock(config.iters)
-    for iteration in range(run.start, config.iters):
+    for iteration in track(range(run.start, config.iters), what="iterations", label="QAT"):
         losses = _train_step(run, next(batches))
         _after_step(run, iteration + 1, losses, clock)
     summary = {"variant": config.variant, "target": config.target, "iters": config.iters,

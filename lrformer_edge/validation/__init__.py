@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrformer_edge.backends import resolve_backend_options
+from lrformer_edge.progress import track
 from lrformer_edge.registry import input_size_of
 
 
@@ -45,15 +46,16 @@ def load_samples(data: str | None, images: int, size: tuple[int, int]) -> tuple[
     if images < 1:
         raise ValueError(f"--images must be positive, got {images}")
     if data is None:
-        from lrformer_edge.evaluation import procedural_validation_samples
+        from lrformer_edge.evaluation import procedural_validation_set
 
-        return (list(procedural_validation_samples(images, size)),
+        return (procedural_validation_set(images, size),
                 "procedural held-out scenes (seeds 20,000,000+)")
     from lrformer_edge.data.datasets import open_dataset
 
     dataset = open_dataset(data, "val")
     count = min(images, len(dataset))
-    return [dataset[i] for i in range(count)], f"{data} (val, first {count})"
+    return ([dataset[i] for i in track(range(count), what="images", label=f"reading {data}")],
+            f"{data} (val, first {count})")
 
 
 def reference_input_size(config: ValidationConfig, model) -> tuple[int, int]:

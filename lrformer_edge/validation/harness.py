@@ -35,6 +35,7 @@ from lrformer_edge.data.datasets import IGNORE_INDEX
 from lrformer_edge.files import artifact_size_bytes
 from lrformer_edge.metrics import ConfusionMatrix, count_nonfinite, logits_agreement
 from lrformer_edge.pipeline import SegmentationPipeline
+from lrformer_edge.progress import track
 
 SAMPLE_PANELS = 3  # images shown in the report
 
@@ -214,7 +215,7 @@ def run_artifact(path: Path, samples: list, reference, reference_metrics: dict,
                 result.settings = dict(runner.settings)
                 result.reason = "; ".join(filter(None, [result.reason,
                                                         cpu_notes(result.settings)]))
-                for sample in samples:
+                for sample in track(samples, what="images", label=f"validating {path.name}"):
                     prediction = pipeline.predict(sample.image)
                     latency.append(1000 * prediction.inference_seconds)
                     matrix.update(sample.label, prediction.labels)

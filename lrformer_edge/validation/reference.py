@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lrformer_edge.files import atomic_write
+from lrformer_edge.progress import track
 
 FORMAT_VERSION = 1
 
@@ -81,7 +82,7 @@ def compute_reference(model, samples, input_size, logit_images: int = 5) -> Refe
 
     names, labels, logits, latency = [], {}, {}, []
     with SegmentationPipeline.from_model(model, tuple(input_size)) as pipeline:
-        for sample in samples:
+        for sample in track(samples, what="images", label="FP32 PyTorch ground truth"):
             prediction = pipeline.predict(sample.image)
             names.append(sample.name)
             labels[sample.name] = prediction.labels

@@ -35,6 +35,7 @@ from lrformer_edge.backends.coreml.inspect import (
     weight_aliases,
 )
 from lrformer_edge.files import default_file_mode
+from lrformer_edge.progress import heartbeat
 from lrformer_edge.registry import input_size_of
 
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS15")
@@ -207,8 +208,10 @@ def export_coreml(model, output: str | Path, input_size=None,
                         "calibration_set": calibration.describe(),
                         "w8a8_layers": deployed.w8a8_layers}
     adapter = _adapter(deployed, model.config.data, options)
-    mlmodel, aliases = _convert(ct, adapter, input_size, options)
-    mlmodel = _compress(ct, mlmodel, options)
+    with heartbeat("Core ML conversion (torch.export, coremltools)"):
+        mlmodel, aliases = _convert(ct, adapter, input_size, options)
+    with heartbeat("Core ML weight compression"):
+        mlmodel = _compress(ct, mlmodel, options)
     metadata = artifact_metadata(
         model, input_size, format="coreml-mlprogram", coreml_options=asdict(options),
         coremltools_version=ct.__version__,
@@ -219,7 +222,8 @@ def export_coreml(model, output: str | Path, input_size=None,
                 else "logits (1, num_classes, H, W) float32 at input resolution"),
         **quantization)
     _describe(mlmodel, model, input_size, options, metadata)
-    with staged_directory(output, suffix=".mlpackage") as staged:
+    with staged_directory(output, suffix=".mlpackage") as staged, \
+            heartbeat(f"writing and checking {output.name}"):
         mlmodel.save(str(staged))  # replaces the empty folder with the package
         staged.chmod(default_file_mode() | 0o111)
         spec, program = load_program(staged)

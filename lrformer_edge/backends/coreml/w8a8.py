@@ -23,6 +23,7 @@ from torch import nn
 
 # Registers torch.ops.quantized_decomposed.* (the PT2E Q/DQ ops) with the dispatcher.
 import torch.ao.quantization.fx._decomposed  # noqa: F401  isort: skip
+from lrformer_edge.progress import track
 
 INT8_MIN, INT8_MAX = -128, 127
 PERCENTILE_SAMPLE = 1 << 18
@@ -100,7 +101,7 @@ def _input_ranges(model: nn.Module, names: list[str], batches, percentile: float
     handles = [modules[name].register_forward_pre_hook(observe(name)) for name in names]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in track(batches, what="images", label="W8A8 activation ranges"):
                 model(torch.as_tensor(batch))
     finally:
         for handle in handles:

@@ -18,15 +18,12 @@ from lrformer_edge.backends.executorch.shaping import (
     fold_constants,
     shape_for_xnnpack,
 )
+from lrformer_edge.progress import heartbeat, track
 
 # XNNPACK's int8 kernels: symmetric per-channel weights, per-tensor activations.
 QUANTIZATION = {"scheme": "PT2E static", "quantizer": "XNNPACKQuantizer",
                 "weights": "int8 symmetric per-channel", "activations": "int8 per-tensor, min/max",
                 "quantized_ops": "dense convolutions and linears"}
-# Calibration runs the observed graph image by image (about 1.1 s per 512x512 image for
-# LRFormer-T on 2 cores), so the 300 images of the other PTQ exports alone would take 5.5 min.
-# 64 scenes cover the procedural classes; --calib-images sets any other count.
-CALIBRATION_IMAGES = 64
 ACTIVATION_EPS = 2 ** -12  # the smallest activation scale, as XNNPACK's own config
 
 
@@ -43,13 +40,16 @@ class LoweredProgram:
 
 
 class _StageTimer:
+    """Times each stage, and shows it as under way while it runs (a stage is one long call)."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         start = time.perf_counter()
-        yield
+        with heartbeat(f"ExecuTorch {stage}"):
+            yield
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 2)
 
 
@@ -91,9 +91,10 @@ def _lower(program, constant_methods: Mapping[str, torch.Tensor]):
     # (a sixth of the lowering time); the written program is checked by running it instead
     # (the export's parity check against PyTorch).
     config = EdgeCompileConfig(_check_ir_validity=False)
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                       constant_methods=dict(constant_methods),
-                                       compile_config=config)
+    with _only_applicable_xnnpack_passes():
+        return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=dict(constant_methods),
+                                           compile_config=config)
 
 
 def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]):
@@ -105,7 +106,7 @@ def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tens
     prepared = prepare_pt2e(module, quantizer.set_filter_function(_quantized_node))
     images = 0
     with torch.no_grad():
-        for batch in calibration:
+        for batch in track(calibration, what="images", label="PT2E calibration"):
             prepared(batch)
             images += 1
     if not images:
@@ -121,9 +122,14 @@ def _quantized_node(node: torch.fx.Node) -> bool:
     the centred map, the residual adds): LRFormer-T on procedural scenes fell to cosine 0.85 and
     83% agreement with PyTorch. A quantized depthwise convolution of LRFormer-T was refused by
     XNNPACK when the program was loaded ("Failed to create depthwise convolution node ...
-    xnn_status_invalid_parameter"); they are memory-bound, int8 would save little there."""
-    if node.target is torch.ops.aten.linear.default:
+    xnn_status_invalid_parameter"); they are memory-bound, int8 would save little there.
+
+    The quantizer asks about every node of a pattern, the weight and bias too: those must pass,
+    or no convolution is ever annotated."""
+    if node.op == "get_attr":
         return True
+    if node.target in (torch.ops.aten.linear.default, torch.ops.aten.relu.default):
+        return True  # a ReLU joins its convolution's pattern
     if node.target is not torch.ops.aten.conv2d.default:
         return False
     groups = node.args[6] if len(node.args) > 6 else 1
@@ -174,6 +180,59 @@ def _without_provenance() -> Iterator[None]:
         yield
     finally:
         fx_traceback.NodeSource.__init__ = original
+
+
+def _has_batch_norm(graph: torch.fx.Graph) -> bool:
+    return any("batch_norm" in _op_name(node.target) for node in graph.nodes
+               if node.op == "call_function")
+
+
+def _has_conv1d(graph: torch.fx.Graph) -> bool:
+    def weight_rank(node: torch.fx.Node) -> int:
+        return len(getattr(node.args[1], "meta", {}).get("val", torch.empty(0, 0, 0, 0)).shape)
+    return any(_op_name(node.target) == "aten.convolution" and weight_rank(node) == 3
+               for node in graph.nodes if node.op == "call_function")
+
+
+def _has_all_ops(*names: str) -> Callable[[torch.fx.Graph], bool]:
+    def present(graph: torch.fx.Graph) -> bool:
+        found = {_op_name(node.target) for node in graph.nodes if node.op == "call_function"}
+        return all(name in found for name in names)
+    return present
+
+
+# XNNPACK delegate passes that rewrite only ops a graph may lack, each with the test for them.
+# Every pass re-traces the whole graph with fake tensors (2-5 s each for LRFormer-T, a quarter
+# of the delegate's lowering), and these find nothing to do in the deploy form.
+_PASS_APPLIES: dict[str, Callable[[torch.fx.Graph], bool]] = {
+    "FuseBatchNormPass": _has_batch_norm,
+    "DecomposeBatchNorm": _has_batch_norm,
+    "Conv1dUnsqueezePass": _has_conv1d,
+    "PReLUReshapePass": _has_all_ops("aten._prelu_kernel"),
+    # Its patterns are SDPA decomposed with a mask (and it exports them first, about 5 s).
+    "ConvertToSDPAPass": _has_all_ops("aten.any", "aten.logical_not", "aten.where"),
+}
+
+
+@contextmanager
+def _only_applicable_xnnpack_passes() -> Iterator[None]:
+    """Run the XNNPACK delegate's passes except those ``_PASS_APPLIES`` shows have nothing to
+    rewrite in the program at hand. A test checks that the program is the same either way."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    original = XNNPACKPassManager.transform
+
+    def transform(manager):
+        graph = manager.exported_program.graph
+        manager.passes = [pass_ for pass_ in manager.passes
+                          if _PASS_APPLIES.get(pass_.__name__, lambda _: True)(graph)]
+        return original(manager)
+
+    XNNPACKPassManager.transform = transform
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.transform = original
 
 
 def count_ops(program) -> tuple[Counter, Counter]:

@@ -23,6 +23,7 @@ from lrformer_edge.artifacts.parity import (
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.onnxruntime.format import op_histogram
 from lrformer_edge.files import atomic_write, check_output_file
+from lrformer_edge.progress import heartbeat
 from lrformer_edge.registry import input_size_of
 
 MAX_OPSET = 20  # newest opset TensorRT 10.x parses
@@ -58,7 +59,7 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
     example = torch.from_numpy(parity_inputs(input_size, batch_size or 1))
     with tempfile.TemporaryDirectory(prefix="lrformer-onnx-") as tmp:
         raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
+        with heartbeat(f"ONNX export of {output.name}"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about constant sizes is expected
             torch.onnx.export(
                 deployed, (example,), str(raw), dynamo=False, opset_version=opset,
@@ -68,7 +69,8 @@ def export_onnx(model, output: str | Path, input_size=None, batch_size: int | No
                 do_constant_folding=True)
         graph = onnx.load(str(raw))
         if simplify:
-            graph = _simplify(graph)
+            with heartbeat(f"onnxsim on {output.name}"):
+                graph = _simplify(graph)
         metadata = artifact_metadata(
             model, input_size, format="onnx", opset=opset,
             batch_size=batch_size or "dynamic", exporter=f"torch.onnx (TorchScript) {torch.__version__}",

@@ -31,9 +31,14 @@ from lrformer_edge.artifacts.parity import (
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
 from lrformer_edge.artifacts.runner import RunnerStateError
 from lrformer_edge.artifacts.staging import staged_directory
+from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS, write_rt_metadata
-from lrformer_edge.backends.openvino.runner import PRECISIONS, OpenVINORunner
+from lrformer_edge.backends.openvino.runner import (
+    PRECISIONS,
+    OpenVINORunner,
+    native_precisions,
+)
 from lrformer_edge.cpu import (
     DEFAULT_INT8_TARGET,
     host_cpu,
@@ -41,13 +46,15 @@ from lrformer_edge.cpu import (
     resolve_int8_target,
 )
 from lrformer_edge.models.deploy import check_input_size, to_deploy
+from lrformer_edge.progress import heartbeat, track
 from lrformer_edge.registry import input_size_of
 
 
 def export_openvino(model, output_dir: str | Path, input_size=None, precision: str = "fp32",
                     batch_size: int | None = 1, parity: ParityThresholds | None = None,
                     calibration=None, max_drop: float | None = None,
-                    target_isa: str = DEFAULT_INT8_TARGET) -> ExportResult:
+                    target_isa: str = DEFAULT_INT8_TARGET,
+                    statistics_cache: str | Path | bool = True) -> ExportResult:
     """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
@@ -57,6 +64,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     (default) runs correctly on every x86 CPU; ``vnni``/``amx`` keep full 8-bit weights, which
     saturate on CPUs without VNNI. The parity check computes what the target computes: on a host
     without VNNI, an IR for VNNI targets is checked with exact int8 arithmetic (emulated).
+    ``statistics_cache`` (int8): where calibration statistics are reused from and kept
+    (``nncf_statistics.open_statistics_cache``; False: none).
     """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
@@ -67,16 +76,19 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         raise ValueError("calibration data and max_drop apply to int8 only")
     target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size_of(model, input_size))
+    cache = open_statistics_cache(model, input_size, calibration, statistics_cache) \
+        if precision == "int8" else None
 
     def convert(scratch: Path):
         onnx_result = export_onnx(model, scratch / "model.onnx", input_size, batch_size)
-        ov_model = ov.convert_model(str(onnx_result.path))
+        with heartbeat("OpenVINO conversion"):
+            ov_model = ov.convert_model(str(onnx_result.path))
         quantization = {}
         if precision == "int8":
             from lrformer_edge.backends.openvino.ptq import quantize_openvino
 
             ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop,
-                                                       target_isa)
+                                                       target_isa, cache)
         return ov_model, artifact_metadata(
             model, input_size, format="openvino-ir", weights_precision=precision,
             batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
@@ -100,7 +112,8 @@ def export_qat_openvino(quantized, payload: dict, output_dir: str | Path,
 
     def convert(scratch: Path):
         example = torch.from_numpy(feed)
-        with torch.no_grad(), warnings.catch_warnings():
+        with heartbeat("OpenVINO conversion of the QAT model"), torch.no_grad(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about the fake-quant ops
             ov_model = ov.convert_model(_stripped(quantized, feed), example_input=example,
                                         input=[tuple(example.shape)])  # fixed, like the ONNX IRs
@@ -192,8 +205,11 @@ def target_cpu_line(metadata: dict) -> str:
 
 
 def compiles_under_every_hint(xml: Path) -> None:
-    """Compile and run once under each precision hint: an IR that fails any is not shipped."""
-    for hint in PRECISIONS:
+    """Compile and run once under each precision hint this CPU runs natively: an IR that fails
+    any is not shipped. A hint the CPU has no native support for (bf16, f16 on AVX2) compiles to
+    the f32 program, which the f32 compile has already checked (``compile_check_line``)."""
+    for hint in track(native_precisions(), what="precision hints",
+                      label=f"compiling {xml.name}"):
         try:
             with warnings.catch_warnings(), OpenVINORunner(xml, precision=hint) as runner:
                 warnings.simplefilter("ignore", RuntimeWarning)  # ISA notes: the export says them
@@ -205,3 +221,15 @@ def compiles_under_every_hint(xml: Path) -> None:
                                      f"{error}") from None
         if not np.isfinite(output).all():
             raise ArtifactCheckError(f"{xml.name} gives non-finite outputs at precision {hint}")
+
+
+def compile_check_line() -> str:
+    """What the export's compile check covered on this CPU, for the export summary."""
+    native = native_precisions()
+    line = f"compiles under the {', '.join(native)} inference-precision hint" + \
+        ("s" if len(native) > 1 else "")
+    emulated = [hint for hint in PRECISIONS if hint not in native]
+    if emulated:
+        line += (f"; {' and '.join(emulated)} run as f32 on this CPU (no native support: the f32 "
+                 f"compile covers them); check them on a CPU that has them")
+    return line

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
+from lrformer_edge.backends.nncf_statistics import cached_nncf_statistics
 from lrformer_edge.backends.nncf_support import (
     FLOAT_POOLING,
     overflow_fix,
@@ -32,6 +33,7 @@ from lrformer_edge.backends.nncf_support import (
 )
 from lrformer_edge.cpu import DEFAULT_INT8_TARGET, resolve_int8_target
 from lrformer_edge.metrics import ConfusionMatrix
+from lrformer_edge.progress import heartbeat
 
 IGNORED_TYPES = ("Interpolate",)
 
@@ -62,10 +64,19 @@ def pooling_matmuls(ov_model) -> list[str]:
 
 
 def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None,
-                      target_isa: str = DEFAULT_INT8_TARGET):
-    """(quantized ov.Model, settings for the artifact metadata)."""
-    nncf = _nncf()
+                      target_isa: str = DEFAULT_INT8_TARGET, statistics_cache=None):
+    """(quantized ov.Model, settings for the artifact metadata). ``statistics_cache``: a
+    ``nncf_statistics.StatisticsCache`` whose statistics are reused where they cover the
+    quantizer's (a new statistics pass is added to it)."""
     target_isa = resolve_int8_target(target_isa)
+    settings = quantization_settings(calibration, max_drop, target_isa)
+    with heartbeat("NNCF INT8 quantization (OpenVINO)"), \
+            cached_nncf_statistics(statistics_cache, settings["quantization"]):
+        return _quantize(ov_model, torch_model, calibration, max_drop, target_isa), settings
+
+
+def _quantize(ov_model, torch_model, calibration, max_drop, target_isa):
+    nncf = _nncf()
     dataset = nncf.Dataset(calibration.batches)
     common = dict(
         model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
@@ -83,7 +94,7 @@ def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None
             ov_model, dataset, nncf.Dataset(validation), _miou_against_reference,
             max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
             advanced_quantization_parameters=advanced, **common)
-    return quantized, quantization_settings(calibration, max_drop, target_isa)
+    return quantized
 
 
 def _reference_labels(torch_model, calibration) -> list[np.ndarray]:

@@ -48,6 +48,16 @@ def _openvino():
     return require("openvino", "openvino", "the OpenVINO runner")
 
 
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+
+
+def native_precisions() -> tuple[str, ...]:
+    """The inference precisions this CPU runs natively, as OpenVINO's CPU plugin reports them
+    (``OPTIMIZATION_CAPABILITIES``); a hint for another one runs in f32."""
+    capabilities = set(_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return tuple(hint for hint in PRECISIONS if hint == "f32" or _CAPABILITY[hint] in capabilities)
+
+
 class OpenVINORunner(Runner):
     backend = "openvino"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lrformer_edge.artifacts.metadata import data_config_from_metadata
 from lrformer_edge.artifacts.result import INPUT_ERROR_EXIT, run_export_cli
+from lrformer_edge.backends.nncf_statistics import statistics_cache_from_args
 from lrformer_edge.backends.tensorrt.engine import (
     EngineOptions,
     TensorRTUnavailable,
@@ -83,7 +84,8 @@ def _onnx_step(session) -> tuple[dict, object]:
     session.log(f"exporting {model.config.name} at {size[0]}x{size[1]} to a {args.precision} "
                 f"TensorRT ONNX")
     result = export_tensorrt_onnx(model, onnx_path_for(args.output), size, args.precision,
-                                  calibration)
+                                  calibration,
+                                  statistics_cache=statistics_cache_from_args(args))
     session.log(result.summary())
     quantization = result.metadata.get("quantization")
     if quantization:

@@ -13,6 +13,7 @@ from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
 from lrformer_edge.backends.tensorrt.cuda import RUNTIME_INSTALL, cuda_gpu_name
 from lrformer_edge.backends.tensorrt.sidecar import sidecar_path
 from lrformer_edge.files import atomic_write, check_output_file, file_sha256
+from lrformer_edge.progress import heartbeat
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 # The command that builds an engine from a TensorRT-ready ONNX on the target.
@@ -153,7 +154,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         config.DLA_core = options.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     cache = _attach_timing_cache(config, options.timing_cache)
-    serialized = builder.build_serialized_network(network, config)
+    with heartbeat(f"TensorRT engine build of {Path(onnx_path).name}"):
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (run with "
                            f"--verbose for the builder log)")

@@ -37,6 +37,7 @@ from lrformer_edge.artifacts.parity import (
     parity_thresholds,
 )
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
+from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import (
     MAX_OPSET,
     MIN_OPSET,
@@ -125,8 +126,11 @@ def topologically_sorted(graph):
 
 
 def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: str = "int8",
-                         calibration=None, parity: ParityThresholds | None = None) -> ExportResult:
-    """Write the TensorRT-ready ONNX for ``precision`` at ``output`` (checked, then renamed)."""
+                         calibration=None, parity: ParityThresholds | None = None,
+                         statistics_cache: str | Path | bool = True) -> ExportResult:
+    """Write the TensorRT-ready ONNX for ``precision`` at ``output`` (checked, then renamed).
+    ``statistics_cache`` (int8): where calibration statistics are reused from and kept
+    (``nncf_statistics.open_statistics_cache``; False: none)."""
     # PyTorch is imported on call: the registry imports this module and must not need it.
     from lrformer_edge.models.deploy import check_input_size, to_deploy
 
@@ -136,6 +140,8 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         raise ValueError("int8 needs a calibration set; fp32/fp16 take none")
     input_size = check_input_size(input_size_of(model, input_size))
     output = _onnx_output(output)
+    cache = open_statistics_cache(model, input_size, calibration, statistics_cache) \
+        if precision == "int8" else None
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="lrformer-trt-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_size)
@@ -146,7 +152,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         elif precision == "int8":
             from lrformer_edge.backends.tensorrt.qdq import qdq_summary, quantize_qdq
 
-            graph, quantization = quantize_qdq(graph, calibration)
+            graph, quantization = quantize_qdq(graph, calibration, cache)
             quantization["quantization"].update(qdq_summary(graph))
     metadata = artifact_metadata(
         model, input_size, format="onnx", target="tensorrt", precision=precision,

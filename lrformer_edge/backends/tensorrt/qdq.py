@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
+from lrformer_edge.backends.nncf_statistics import cached_nncf_statistics
 from lrformer_edge.backends.nncf_support import FLOAT_POOLING
+from lrformer_edge.progress import heartbeat
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Kept in float: numerically sensitive (LayerNorm, Softmax) or pure resampling (final resize).
@@ -50,8 +52,16 @@ def quantizer_rules(nncf) -> dict:
             nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False)}
 
 
-def quantize_qdq(onnx_model, calibration):
-    """(Q/DQ onnx.ModelProto in TensorRT form, settings for the artifact metadata)."""
+def quantize_qdq(onnx_model, calibration, statistics_cache=None):
+    """(Q/DQ onnx.ModelProto in TensorRT form, settings for the artifact metadata).
+    ``statistics_cache``: a ``nncf_statistics.StatisticsCache`` (see ``quantize_openvino``)."""
+    settings = quantization_settings(calibration)
+    with heartbeat("NNCF INT8 quantization (TensorRT Q/DQ)"), \
+            cached_nncf_statistics(statistics_cache, settings["quantization"]):
+        return to_signed_int8(_quantize(onnx_model, calibration)), settings
+
+
+def _quantize(onnx_model, calibration):
     nncf = _nncf()
     feeds = [{onnx_model.graph.input[0].name: batch} for batch in calibration.batches]
     advanced = nncf.AdvancedQuantizationParameters(
@@ -63,7 +73,7 @@ def quantize_qdq(onnx_model, calibration):
         ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(onnx_model),
                                         types=list(FLOAT_TYPES), validate=False),
         advanced_parameters=advanced)
-    return to_signed_int8(quantized), quantization_settings(calibration)
+    return quantized
 
 
 def pooling_matmuls(onnx_model) -> list[str]:
