@@ -15,6 +15,7 @@ from lrformer_edge.backends.executorch.shaping import (
     fold_batch_norms,
     fold_constants,
     shape_for_xnnpack,
+    share_identical_constants,
 )
 from lrformer_edge.models.deploy import to_deploy
 from lrformer_edge.models.factory import create_model
@@ -42,8 +43,11 @@ def test_shaping_keeps_the_arithmetic_and_leaves_nothing_xnnpack_refuses(deploye
     module = torch.export.export(deployed, example, strict=False).module()
     made = {"constants": fold_constants(module), "batch_norms": fold_batch_norms(module)}
     made.update(shape_for_xnnpack(module, example))
+    made["constants_shared"] = share_identical_constants(module)
+    module.recompile()
     for kind in ("constants", "batch_norms", "channel_mean_as_conv", "layer_norm_as_linears",
-                 "attention_as_bmm", "constant_matmul_as_bmm", "chunk_as_slices"):
+                 "attention_as_bmm", "constant_matmul_as_bmm", "chunk_as_slices",
+                 "constants_shared"):
         assert made.get(kind, 0) > 0, f"no {kind} rewrite made: {made}"
     targets = [node.target for node in module.graph.nodes if node.op == "call_function"]
     assert not REFUSED & set(targets), REFUSED & set(targets)
@@ -130,7 +134,8 @@ def test_the_xnnpack_passes_run_when_their_ops_are_present(monkeypatch):
         to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     assert applies == {"FuseBatchNormPass": True, "DecomposeBatchNorm": True,
                        "Conv1dUnsqueezePass": False, "PReLUReshapePass": False,
-                       "ConvertToSDPAPass": False}
+                       "ConvertToSDPAPass": False, "ConvertToUpsampleBilinear2d": False,
+                       "RemoveGetItemPass": True}  # the batch norm's tuple
     conv1d = torch.export.export(torch.nn.Conv1d(4, 4, 3), (torch.randn(1, 4, 16),))
     assert lowering._PASS_APPLIES["Conv1dUnsqueezePass"](to_edge(conv1d).exported_program().graph)
     # The pass rewrites the ATen kernel, which this partitioner keeps as aten.prelu: built here.
@@ -138,3 +143,25 @@ def test_the_xnnpack_passes_run_when_their_ops_are_present(monkeypatch):
     x, weight = prelu.placeholder("x"), prelu.placeholder("weight")
     prelu.output(prelu.call_function(exir_ops.edge.aten._prelu_kernel.default, (x, weight)))
     assert lowering._PASS_APPLIES["PReLUReshapePass"](prelu)
+    for size, scales, rewritten in (([8, 8], None, False), (None, [2.0, 2.0], True)):
+        upsample = torch.fx.Graph()
+        x = upsample.placeholder("x")
+        upsample.output(upsample.call_function(exir_ops.edge.aten.upsample_bilinear2d.vec,
+                                               (x, size, False, scales)))
+        assert lowering._PASS_APPLIES["ConvertToUpsampleBilinear2d"](upsample) == rewritten
+
+
+def test_identical_constants_are_shared_and_the_copies_dropped(deployed):
+    example = (torch.randn(1, 3, *SIZE),)
+    module = torch.export.export(deployed, example, strict=False).module()
+    fold_constants(module)
+    before = len(list(module.named_buffers())) + len(list(module.named_parameters()))
+    shared = share_identical_constants(module)
+    module.recompile()
+    after = len(list(module.named_buffers())) + len(list(module.named_parameters()))
+    assert shared > 0 and after <= before - shared
+    referenced = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    assert referenced == {name for name, _ in [*module.named_buffers(),
+                                                *module.named_parameters()]}
+    with torch.no_grad():
+        assert torch.equal(module(*example), deployed(*example))

@@ -17,6 +17,7 @@ from lrformer_edge.backends.executorch.shaping import (
     fold_batch_norms,
     fold_constants,
     shape_for_xnnpack,
+    share_identical_constants,
 )
 from lrformer_edge.progress import heartbeat, track
 
@@ -73,6 +74,7 @@ def lower_to_executorch(deployed: torch.nn.Module, input_size: tuple[int, int],
                 module, quantization = quantize_pt2e(module, calibration)
         with timer("shape"):
             rewrites.update(shape_for_xnnpack(module, example))
+            rewrites["constants_shared"] = share_identical_constants(module)
             program = torch.export.export(module, example, strict=False)
         log(f"shaped for XNNPACK: {rewrites}")
         with timer("lower"):
@@ -201,6 +203,18 @@ def _has_all_ops(*names: str) -> Callable[[torch.fx.Graph], bool]:
     return present
 
 
+def _has_upsample_without_static_size(graph: torch.fx.Graph) -> bool:
+    """The bilinear pass re-creates each ``upsample_bilinear2d(x, [h, w], align_corners, None)``
+    as exactly that (its pattern is the op itself; it exports the pattern graphs first, ~5 s):
+    only an upsample given by scale factors changes."""
+    def static(node: torch.fx.Node) -> bool:
+        size, scales = (list(node.args) + [None, None, None])[1:4:2]
+        return isinstance(size, (list, tuple)) and all(isinstance(side, int) for side in size) \
+            and scales is None
+    return any(_op_name(node.target) == "aten.upsample_bilinear2d" and not static(node)
+               for node in graph.nodes if node.op == "call_function")
+
+
 # XNNPACK delegate passes that rewrite only ops a graph may lack, each with the test for them.
 # Every pass re-traces the whole graph with fake tensors (2-5 s each for LRFormer-T, a quarter
 # of the delegate's lowering), and these find nothing to do in the deploy form.
@@ -211,6 +225,8 @@ _PASS_APPLIES: dict[str, Callable[[torch.fx.Graph], bool]] = {
     "PReLUReshapePass": _has_all_ops("aten._prelu_kernel"),
     # Its patterns are SDPA decomposed with a mask (and it exports them first, about 5 s).
     "ConvertToSDPAPass": _has_all_ops("aten.any", "aten.logical_not", "aten.where"),
+    "ConvertToUpsampleBilinear2d": _has_upsample_without_static_size,
+    "RemoveGetItemPass": _has_all_ops("getitem"),
 }
 
 
