@@ -3,8 +3,8 @@ on the same calibration set skips the statistics pass (the slow part of INT8 PTQ
 
 One cache file per (model weights, input size, calibration set), named after them, under
 ``files.cache_dir()`` (``$LRFORMER_EDGE_CACHE`` or ``~/.cache/lrformer-edge``) in ``statistics/``. It
-holds one entry per quantizer graph (NNCF's OpenVINO, ONNX and torch backends see different
-graphs, so their statistic points differ) and quantizer settings. A file whose recorded key
+holds one entry per quantizer graph (NNCF's OpenVINO and ONNX backends see different graphs of
+the same model, so their statistic points differ) and quantizer settings. A file whose recorded key
 differs from the export's (another checkpoint, input size or calibration set) is refused with
 the differing fields named; it is never used silently. Files are written atomically.
 
@@ -59,11 +59,7 @@ class StatisticsKey:
                  "calibration_sha256": "calibration set"}
         mine, theirs = asdict(self), asdict(other)
         return [f"{names[field]}: cache {theirs[field]}, export {mine[field]}"
-                for field in names if tuple_or(mine[field]) != tuple_or(theirs[field])]
-
-
-def tuple_or(value):
-    return tuple(value) if isinstance(value, list) else value
+                for field in names if mine[field] != theirs[field]]
 
 
 def weights_sha256(model) -> str:
@@ -185,14 +181,14 @@ def _collect_or_load(cache, settings, containers, model, graph, dataset, origina
     collectors = _keyed_collectors(aggregator, graph)
     if collectors and collectors.keys() <= stored.keys():
         for key, (container, collector) in collectors.items():
-            collector.set_cache(_statistic(container, stored[key], aggregator))
+            collector.set_cache(_statistic(container, stored[key]))
         log(f"calibration statistics: {len(collectors)} reused from {cache.path}")
         return aggregator.statistic_points
+    # The pass fills the collectors of ``containers``, which ``collectors`` holds.
     collected = original(containers, model, graph, dataset)
-    aggregator.statistic_points = collected
-    measured = {key: {field: np.asarray(_as_numpy(value)) for field, value in
+    measured = {key: {field: np.asarray(value.data) for field, value in
                       collector.get_statistics().get_data(is_serialized=True).items()}
-                for key, (_, collector) in _keyed_collectors(aggregator, graph).items()}
+                for key, (_, collector) in collectors.items()}
     cache.entries.setdefault(entry, {}).update(measured)
     cache.write()
     log(f"calibration statistics: {len(measured)} measured, cached in {cache.path}")
@@ -223,22 +219,11 @@ def _stable_node_names(graph) -> dict[str, str]:
             if _GENERATED_NAME.match(node.node_name)}
 
 
-def _statistic(container, fields: dict[str, np.ndarray], aggregator):
-    statistic = object.__new__(container)
-    statistic.load_data(_to_nncf(fields, aggregator))
-    return statistic
-
-
-def _as_numpy(value):
-    data = getattr(value, "data", value)
-    return data.detach().cpu().numpy() if hasattr(data, "detach") else data
-
-
-def _to_nncf(fields: dict[str, np.ndarray], aggregator) -> dict:
+def _statistic(container, fields: dict[str, np.ndarray]):
+    """An NNCF statistic of class ``container`` holding ``fields`` (numpy: the OpenVINO and ONNX
+    backends' tensors)."""
     from nncf.tensor import Tensor
 
-    if "Torch" in type(aggregator).__name__ or "PT" in type(aggregator).__name__:
-        import torch
-
-        return {field: Tensor(torch.from_numpy(np.array(array))) for field, array in fields.items()}
-    return {field: Tensor(np.array(array)) for field, array in fields.items()}
+    statistic = object.__new__(container)
+    statistic.load_data({field: Tensor(np.array(array)) for field, array in fields.items()})
+    return statistic
