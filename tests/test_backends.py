@@ -28,7 +28,7 @@ from lrformer_edge.validation.gate import load_thresholds
 from lrformer_edge.validation.harness import describe_artifact, reportable_precisions
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ("pytorch", "onnxruntime", "openvino", "tensorrt", "coreml", "executorch")
+NAMES = ("pytorch", "onnxruntime", "openvino", "tensorrt", "coreml", "executorch", "litert")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_records_declare_what_they_offer():
         assert backend.open_runner and backend.describe
     assert [b.name for b in BACKENDS if not b.exact_int8_accumulation] == ["openvino"]
     assert [b.extra for b in BACKENDS] == [None, None, "openvino", "tensorrt-runtime", "coreml",
-                                           "executorch"]
+                                           "executorch", "litert"]
     # TensorRT-ready ONNX (fp16, Q/DQ int8) run in ONNX Runtime too, and are gated there.
     assert set(get_backend("tensorrt").precisions) <= set(get_backend("onnxruntime").precision_keys)
     for name in ("onnxruntime", "openvino", "tensorrt", "coreml"):
@@ -95,7 +95,7 @@ def test_an_openvino_folder_is_recognised_by_what_it_holds(tmp_path):
 
 
 def test_an_unknown_artifact_names_every_kind(tmp_path):
-    path = tmp_path / "model.tflite"
+    path = tmp_path / "model.h5"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_runner(path)
     path.write_bytes(b"")

@@ -22,6 +22,7 @@ from lrformer_edge.artifacts.runner import (
 from lrformer_edge.backends import (
     coreml,
     executorch,
+    litert,
     onnxruntime,
     openvino,
     pytorch,
@@ -36,6 +37,7 @@ BACKENDS: tuple[Backend, ...] = (
     tensorrt.BACKEND,
     coreml.BACKEND,
     executorch.BACKEND,
+    litert.BACKEND,
 )
 
 GROUND_TRUTH = BACKENDS[0]  # the FP32 PyTorch model every artifact is measured against
