@@ -62,10 +62,15 @@ def test_deploy_form_equals_reference_tiny(randomised_tiny, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lrformer-t", "lrformer-t.procedural"])
 def test_deploy_form_equals_reference_full_size(variant):
+    """Every size with the reference weights; the bundled weights (the same architecture) at
+    the two smallest, where the time goes into the largest."""
     model = lrformer_edge.create_model(variant)
+    sizes = SIZES
     if variant == "lrformer-t":
         model.load_state_dict(reference_state_dict(manifest_of(model)))
-    for size in SIZES:
+    else:
+        sizes = sorted(SIZES, key=lambda size: size[0] * size[1])[:2]
+    for size in sizes:
         max_abs, agreement = _compare(model, size)
         assert max_abs < 1e-4 and agreement == 1.0, (size, max_abs, agreement)
 

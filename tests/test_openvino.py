@@ -264,3 +264,24 @@ def test_the_compile_check_names_every_hint_whatever_the_cpu():
     line = compile_check_line()
     assert all(hint in line for hint in PRECISIONS)
     assert ("run as f32 on this CPU" in line) == (len(native) < len(PRECISIONS))
+
+
+def test_the_compile_check_skips_the_hints_the_parity_check_ran(fp32_ir, monkeypatch):
+    """The parity check compiles and runs the f32 program: the compile check does not compile
+    it again (5 s of an LRFormer-T export), and still compiles every other native hint."""
+    from lrformer_edge.backends.openvino import export
+    from lrformer_edge.backends.openvino.runner import native_precisions
+
+    compiled = []
+    runner_class = export.OpenVINORunner
+
+    def recording_runner(xml, precision, **options):
+        compiled.append(precision)
+        return runner_class(xml, precision=precision, **options)
+
+    monkeypatch.setattr(export, "OpenVINORunner", recording_runner)
+    export.compiles_under_every_hint(fp32_ir.path)
+    assert compiled == list(native_precisions())
+    compiled.clear()
+    export.compiles_under_every_hint(fp32_ir.path, checked=("f32",))
+    assert compiled == [hint for hint in native_precisions() if hint != "f32"]
