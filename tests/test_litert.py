@@ -210,11 +210,13 @@ def test_int8_model_computes_convolutions_and_linears_in_int8(int8, fp32, calibr
     result, logged = int8.result, int8.logged
     model = result.path.read_bytes()
     int8_ops, float_ops = convert.operator_counts(model)
-    # Every dense convolution and linear of the FP32 model, and only those, compute in int8.
+    # Every convolution (dense, depthwise) and linear of the FP32 model, and only those, compute
+    # in int8.
+    assert set(convert.INT8_OPERATIONS) == {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
     assert dict(int8_ops) == {op: fp32.result.op_counts[op] for op in convert.INT8_OPERATIONS}
-    # What stays float: LayerNorm (as reductions), softmax, GELU, attention, depthwise, resize.
-    assert {"MEAN", "SOFTMAX", "GELU", "BATCH_MATMUL", "DEPTHWISE_CONV_2D",
-            "RESIZE_BILINEAR"} <= set(float_ops)
+    # What stays float: LayerNorm (as reductions), softmax, GELU, attention, resize.
+    assert {"MEAN", "SOFTMAX", "GELU", "BATCH_MATMUL", "RESIZE_BILINEAR"} <= set(float_ops)
+    assert not set(float_ops) & set(convert.INT8_OPERATIONS)
     metadata = read_tflite_metadata(result.path)
     assert metadata == result.metadata and metadata["precision"] == "int8"
     assert metadata["int8_ops"] == dict(int8_ops) and metadata["float_ops"] == dict(float_ops)
