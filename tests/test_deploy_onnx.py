@@ -191,7 +191,8 @@ def test_to_onnx_cli(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [(512, 512), (1024, 2048)])
+# Square and 1:2 (Cityscapes' aspect); the deploy form's own test covers 1024x2048.
+@pytest.mark.parametrize("size", [(512, 512), (512, 1024)])
 def test_onnxruntime_matches_pytorch_for_the_bundled_lrformer_t(tmp_path, size):
     model = lrformer_edge.create_model("lrformer-t.procedural")
     result = export_onnx(model, tmp_path / "t.onnx", size)
