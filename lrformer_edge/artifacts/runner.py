@@ -24,6 +24,13 @@ class RunnerStateError(RuntimeError):
     """A runner used outside ``with runner:`` (or activated twice)."""
 
 
+def check_thread_count(threads, runtime: str) -> None:
+    """``threads`` of a runner whose runtime picks its own count when given None."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None ({runtime}'s default), "
+                         f"got {threads!r}")
+
+
 def cpu_settings() -> dict:
     """The CPU facts every CPU runner reports beside its own settings (timings depend on them)."""
     from lrformer_edge.cpu import host_cpu

@@ -21,6 +21,7 @@ from lrformer_edge.artifacts.parity import (
     parity_inputs,
     parity_thresholds,
 )
+from lrformer_edge.artifacts.requests import check_calibration_request, check_output_suffix
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.executorch.delegation import measure_delegation
 from lrformer_edge.backends.executorch.format import (
@@ -37,7 +38,7 @@ from lrformer_edge.backends.executorch.format import (
     reserve_metadata,
 )
 from lrformer_edge.backends.executorch.runner import ExecuTorchRunner
-from lrformer_edge.files import atomic_write, check_output_file
+from lrformer_edge.files import atomic_write
 from lrformer_edge.registry import input_size_of
 
 FORMAT = "executorch-pte"
@@ -45,24 +46,11 @@ DELEGATE = "XNNPACK"
 
 
 def check_output_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix != PTE_SUFFIX:
-        raise ValueError(f"an ExecuTorch program is a {PTE_SUFFIX} file; got output {path} "
-                         f"(name it e.g. {path.with_suffix(PTE_SUFFIX).name})")
-    return check_output_file(path)
+    return check_output_suffix(path, PTE_SUFFIX, "an ExecuTorch program")
 
 
 def check_calibration(precision: str, calibration, input_size: tuple[int, int]) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"ExecuTorch precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "int8" and calibration is None:
-        raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
-    if precision != "int8" and calibration is not None:
-        raise ValueError("calibration data applies to int8 only")
-    if calibration is not None and tuple(calibration.batches[0].shape[2:]) != input_size:
-        size = "x".join(map(str, calibration.batches[0].shape[2:]))
-        raise ValueError(f"the calibration set is {size}, the export is at "
-                         f"{input_size[0]}x{input_size[1]}: build it at the export's size")
+    check_calibration_request("ExecuTorch", PRECISIONS, precision, calibration, input_size)
 
 
 def export_executorch(model, output: str | Path, input_size=None, precision: str = "fp32",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
-from lrformer_edge.artifacts.runner import Runner, TensorSpec, cpu_settings
+from lrformer_edge.artifacts.runner import Runner, TensorSpec, check_thread_count, cpu_settings
 from lrformer_edge.backends.executorch.format import (
     EXPORT_HINT,
     FORWARD_METHOD,
@@ -59,9 +59,7 @@ class ExecuTorchRunner(Runner):
     backend = "executorch"
 
     def __init__(self, path: str | Path, threads: int | None = None, name: str | None = None):
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None (ExecuTorch's "
-                             f"default), got {threads!r}")
+        check_thread_count(threads, "ExecuTorch")
         path = Path(path)
         if path.suffix != PTE_SUFFIX:
             raise ValueError(f"expected an ExecuTorch program (.pte file), got {path}")

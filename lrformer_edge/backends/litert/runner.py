@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lrformer_edge.artifacts.parity import INPUT_NAME, OUTPUT_NAME
-from lrformer_edge.artifacts.runner import Runner, TensorSpec, cpu_settings
+from lrformer_edge.artifacts.runner import Runner, TensorSpec, check_thread_count, cpu_settings
 from lrformer_edge.backends.litert.format import (
     EXPORT_HINT,
     TFLITE_SUFFIX,
@@ -42,9 +42,7 @@ class LiteRTRunner(Runner):
     backend = "litert"
 
     def __init__(self, path: str | Path, threads: int | None = None, name: str | None = None):
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None (LiteRT's default), "
-                             f"got {threads!r}")
+        check_thread_count(threads, "LiteRT")
         path = Path(path)
         if path.suffix != TFLITE_SUFFIX:
             raise ValueError(f"expected a LiteRT model (.tflite file), got {path}")
