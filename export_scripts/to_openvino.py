@@ -14,6 +14,8 @@ INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric, Smooth
 against the FP32 model's own predictions (mIoU points). --cpu-isa names the x86 CPUs the INT8 IR
 must be correct on (default portable: every x86 CPU; vnni/amx: full 8-bit weights that saturate
 on CPUs without VNNI); the IR records it and the runner warns on a CPU it does not suit.
+--precision-config F (int8; written by calibration/sensitivity.py) keeps its float layers out of
+NNCF's quantization (an ignored scope by operation name) and is recorded in the IR.
 --validate [N] then runs the IR (f32 inference precision) on N held-out procedural scenes and
 compares it with the FP32 PyTorch model: mIoU, delta and pixel agreement.
 """
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 
+from lrformer_edge.artifacts.result import run_export_cli
 from lrformer_edge.backends.nncf_statistics import statistics_cache_from_args
 from lrformer_edge.backends.openvino.export import (
     compile_check_line,
     export_openvino,
+    precision_config_lines,
     target_cpu_line,
 )
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
@@ -32,11 +36,13 @@ from lrformer_edge.cli import (
     add_calibration_arguments,
     add_int8_target_argument,
     add_model_arguments,
+    add_precision_config_argument,
     add_statistics_cache_arguments,
     add_validate_argument,
     check_calibration_arguments,
     check_output_argument,
     check_validate_argument,
+    precision_config_from_args,
 )
 from lrformer_edge.export_flow import export_command
 
@@ -52,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-drop", type=float,
                         help="int8: accuracy control, largest mIoU drop (points) vs FP32")
     add_int8_target_argument(parser)
+    add_precision_config_argument(parser, "--precision int8")
     add_validate_argument(parser)
     parser.add_argument("--output", required=True, help="output folder (replaced when complete)")
     args = parser.parse_args(argv)
@@ -60,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-drop applies to --precision int8 only")
     if not int8 and args.cpu_isa is not None:
         parser.error("--cpu-isa applies to --precision int8 only")
+    if not int8 and args.precision_config:
+        parser.error("--precision-config applies to --precision int8 only")
     check_calibration_arguments(parser, args, calibrates=int8, what="--precision int8")
     check_validate_argument(parser, args)
     check_output_argument(args.output, "--output", "artifact-folder")
@@ -68,14 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    code, precision_config = run_export_cli(lambda: precision_config_from_args(args))
+    if code:
+        return code
     return export_command(
         args, lambda model, size, calibration: export_openvino(
             model, args.output, size, args.precision, calibration=calibration,
             max_drop=args.max_drop, target_isa=args.cpu_isa,
-            statistics_cache=statistics_cache_from_args(args)),
+            statistics_cache=statistics_cache_from_args(args),
+            precision_config=precision_config),
         what=f"an {args.precision} OpenVINO IR", calibrates=args.precision == "int8",
         describe=lambda metadata: [
             target_cpu_line(metadata),
+            *precision_config_lines(metadata),
             compile_check_line()])
 
 

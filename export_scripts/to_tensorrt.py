@@ -11,6 +11,10 @@ a Q/DQ ONNX from NNCF post-training calibration on --calib-images real images (s
 zero-points 0, per-channel weights, per-tensor activations; LayerNorm, Softmax and the resizes in
 float). --fp16 writes an FP16 ONNX with LayerNorm/Softmax/Resize and I/O in FP32. Engines are
 built strongly typed, so the ONNX's types are what runs on TensorRT 10.x and 11.x alike.
+--int8 --precision-config F (written by calibration/sensitivity.py): its float layers get no Q/DQ
+(FP32 in a strongly typed build), and the ONNX records their layer-precision list, which a
+TensorRT 10.x build applies in a weakly typed network (those layers in FP16, LayerNorm, Softmax and
+the resizes pinned to FP32); the equivalent trtexec line is printed.
 
 The ONNX is written next to --output (same name, .onnx) after it passed the structural checks and
 a comparison with PyTorch in ONNX Runtime. Without TensorRT or a GPU the script then stops with
@@ -25,17 +29,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lrformer_edge.artifacts.result import run_export_cli
 from lrformer_edge.backends.tensorrt.command import tensorrt_command
 from lrformer_edge.backends.tensorrt.engine import ENGINE_SUFFIXES, onnx_path_for
 from lrformer_edge.backends.tensorrt.export import TRT_PRECISIONS
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_model_arguments,
+    add_precision_config_argument,
     add_statistics_cache_arguments,
     add_validate_argument,
     check_calibration_arguments,
     check_output_argument,
     check_validate_argument,
+    precision_config_from_args,
 )
 from lrformer_edge.export_flow import run_command
 
@@ -52,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--qat-checkpoint", type=Path, metavar="CKPT",
                         help="int8: take Q/DQ from a QAT checkpoint of calibration/qat.py "
                              "instead of post-training calibration")
+    add_precision_config_argument(parser, "--int8 (post-training Q/DQ)")
     parser.add_argument("--onnx-only", action="store_true",
                         help="stop after the TensorRT-ready ONNX (success without TensorRT)")
     parser.add_argument("--from-onnx", type=Path,
@@ -76,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 or args.input_size):
         parser.error("--qat-checkpoint goes with --int8 only (its input size and quantizers come "
                      "from the checkpoint; no --from-onnx, --calib-data or --input-size)")
+    if args.precision_config and (args.precision != "int8" or args.from_onnx
+                                  or args.qat_checkpoint):
+        parser.error("--precision-config goes with --int8 post-training Q/DQ only (an ONNX "
+                     "given with --from-onnx or a QAT checkpoint already has its quantizers)")
     check_validate_argument(parser, args)
     check_output_argument(args.output, "--output")
     if not args.from_onnx:
@@ -85,7 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    return run_command(parse_args(argv), tensorrt_command)
+    args = parse_args(argv)
+    code, precision_config = run_export_cli(lambda: precision_config_from_args(args))
+    if code:
+        return code
+    return run_command(args, lambda session: tensorrt_command(session, precision_config))
 
 
 if __name__ == "__main__":

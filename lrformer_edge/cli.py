@@ -203,3 +203,21 @@ def _add_option(parser, flag: str, dest: str, option: RuntimeOption, choices, de
     else:
         parser.add_argument(flag, dest=dest, choices=choices, default=default,
                             help=f"{prefix}{option.help} (default {option.default})")
+
+
+def add_precision_config_argument(parser: argparse.ArgumentParser, applies_to: str) -> None:
+    """--precision-config FILE, the same for every exporter (``applies_to``: the precisions it
+    applies to, e.g. "--precision int8")."""
+    parser.add_argument(
+        "--precision-config", metavar="FILE",
+        help=f"{applies_to}: layers to keep in higher precision, as chosen by "
+             f"calibration/sensitivity.py (a JSON precision config; recorded in the artifact)")
+
+
+def precision_config_from_args(args):
+    """The --precision-config file, read and checked for form (None when not given); whether it
+    fits the model is checked by the exporter."""
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+
+    path = getattr(args, "precision_config", None)
+    return PrecisionConfig.load(path) if path else None

@@ -1,7 +1,8 @@
 """ExecuTorch (XNNPACK) programs: export with parity and metadata, the runner (threads, input
 checks), the errors for damaged and foreign .pte files, the registry and the gate reaching it.
 
-One FP32 export (tiny variant, 64x64) serves most tests; the INT8 export has its own fixture.
+One FP32 export (tiny variant, 64x64) serves most tests; the one INT8 export, with a precision
+config that keeps two layers float, has its own fixture.
 """
 from __future__ import annotations
 
@@ -338,10 +339,45 @@ def calibration(model):
     return build_calibration_set("procedural", model.config.data, SIZE, 4, seed=0)
 
 
+# A dense convolution and a linear of different stages, int8 without a precision config.
+FLOAT_LAYERS = ("backbone.block1.0.mlp.fc1", "backbone.block2.0.attn.proj")
+
+
+def _precision_config(model, overrides, **fields):
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+
+    return PrecisionConfig("int8", overrides, **{"variant": VARIANT, "input_size": SIZE,
+                                                 "checkpoint_sha256": model.checkpoint_sha256,
+                                                 **fields})
+
+
 @pytest.fixture(scope="module")
-def int8(model, calibration, tmp_path_factory):
-    return export_executorch(model, tmp_path_factory.mktemp("executorch-int8") / "tiny-int8.pte",
-                             SIZE, "int8", calibration=calibration, threads=1, log=_quiet)
+def int8_export(model, calibration, tmp_path_factory):
+    """(ExportResult, the converted PT2E graph, the precision config) of the one INT8 export
+    of these tests (its lowering takes most of its 100 s here): the registry's ``export_mixed``
+    with a precision config that keeps FLOAT_LAYERS float, which is ``export_executorch`` at
+    int8 with every other layer as without one. The graph is recorded on its way from
+    ``quantize_pt2e`` to the lowering."""
+    from lrformer_edge.backends.executorch import lowering
+
+    config = _precision_config(model, {layer: "float" for layer in FLOAT_LAYERS})
+    converted = []
+    quantize_pt2e = lowering.quantize_pt2e
+
+    def recorded(*args, **kwargs):
+        converted.append(quantize_pt2e(*args, **kwargs))
+        return converted[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lowering, "quantize_pt2e", recorded)
+        result = backend_for(Path("m.pte")).export_mixed(
+            model, tmp_path_factory.mktemp("executorch-int8"), SIZE, config, calibration)
+    return result, converted[0][0], config
+
+
+@pytest.fixture(scope="module")
+def int8(int8_export):
+    return int8_export[0]
 
 
 @pytest.mark.slow
@@ -381,3 +417,84 @@ def test_benchmark_rows_run_both_programs(fp32, int8, calibration, tmp_path, mon
         with row.make_runner() as runner:
             assert runner.settings["threads"] == 1
             assert runner.metadata["precision"] == row.precision
+
+
+# ----------------------------------------------------------------------------- precision config
+@pytest.mark.slow
+def test_a_precision_config_keeps_its_layers_float(int8_export, model):
+    from lrformer_edge.backends.executorch.lowering import int8_layers, layer_nodes
+    from lrformer_edge.models.layers import quantizable_layers
+
+    result, graph_module, config = int8_export
+    assert result.path.name == "model.pte" and result.path.is_file()
+    # PT2E quantizes the dense convolutions and linears (depthwise ones stay float): all of them
+    # but the config's float layers have int8 weights in the converted graph, those none.
+    dense = {layer.name for layer in quantizable_layers(model) if layer.kind != "depthwise"}
+    quantized = set(int8_layers(graph_module.graph))
+    assert quantized == dense - set(FLOAT_LAYERS)
+    # No quantize/dequantize around the float layers: a float weight constant, a float input
+    # (their producers are float ops), and a float output.
+    nodes = layer_nodes(graph_module.graph)
+
+    def quant_op(node) -> bool:
+        return "quantize" in str(getattr(node, "target", ""))
+
+    for layer in FLOAT_LAYERS:
+        (node,) = nodes[layer]
+        assert node.args[1].op == "get_attr" and not quant_op(node.args[0])
+        assert not any(quant_op(user) for user in node.users)
+    metadata = read_pte_metadata(result.path)
+    assert metadata == result.metadata and metadata["precision"] == "int8"
+    assert metadata["precision_config"] == config.metadata()
+    assert metadata["quantization"]["int8_layers"] == len(dense) - len(FLOAT_LAYERS)
+    assert result.parity.cosine >= 0.995 and result.parity.pixel_agreement >= 0.9
+
+
+@pytest.mark.slow
+def test_a_float_layer_no_node_comes_from_is_an_error(int8_export):
+    from lrformer_edge.backends.executorch.lowering import quantized_node_filter
+
+    graph = int8_export[1].graph
+    with pytest.raises(ValueError, match=r"keeps 1 layer\(s\) in float that no convolution or "
+                                         r"linear of the exported graph comes from: "
+                                         r"backbone\.block1\.0\.mlp\.fc9"):
+        quantized_node_filter(graph, [FLOAT_LAYERS[0], "backbone.block1.0.mlp.fc9"])
+    assert quantized_node_filter(graph, FLOAT_LAYERS)  # every name found
+
+
+def test_export_refuses_a_precision_config_it_cannot_apply(model, calibration, tmp_path):
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+
+    config = _precision_config(model, {FLOAT_LAYERS[0]: "float"})
+    with pytest.raises(ValueError, match="a precision config applies to ExecuTorch INT8 only; "
+                                         "this export is fp32"):
+        export_executorch(model, tmp_path / "m.pte", SIZE, precision_config=config)
+    for wrong, message in [
+        (PrecisionConfig("palette4", {FLOAT_LAYERS[0]: "float"}),
+         "ExecuTorch INT8 applies precision configs of scheme int8 .* this one uses palette4"),
+        (_precision_config(model, {FLOAT_LAYERS[0]: "float"}, input_size=(128, 128)),
+         "measured on another model: input size 128x128 \\(exporting 64x64\\)"),
+        (_precision_config(model, {"backbone.block1.0.mlp.fc9": "float"}),
+         "does not have: 'backbone.block1.0.mlp.fc9' \\(did you mean"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            export_executorch(model, tmp_path / "m.pte", SIZE, "int8", calibration=calibration,
+                              precision_config=wrong)
+    assert list(tmp_path.iterdir()) == []
+    backend = backend_for(tmp_path / "m.pte")
+    assert backend.precision_schemes == ("int8",) and backend.export_mixed is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision-config", "config.json", "--output", "m.pte"],
+     "--precision-config applies to --int8 only"),
+    (["--int8", "--precision-config", "missing.json", "--output", "m.pte"],
+     "precision config missing.json does not exist"),
+])
+def test_cli_refuses_a_bad_precision_config_in_one_line(args, message, tmp_path):
+    done = _cli(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert list(tmp_path.iterdir()) == []

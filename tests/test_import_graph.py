@@ -81,7 +81,8 @@ LAYERS = (
 
 BACKENDS = "lrformer_edge.backends"
 SHARED_BACKEND_MODULES = ("lrformer_edge.backends.base", "lrformer_edge.backends.nncf_support",
-                          "lrformer_edge.backends.nncf_statistics")
+                          "lrformer_edge.backends.nncf_statistics",
+                          "lrformer_edge.backends.layer_names")
 ONNX_BUILDING_BLOCKS = ("lrformer_edge.backends.onnxruntime.export",
                         "lrformer_edge.backends.onnxruntime.format")
 
@@ -158,7 +159,9 @@ def backend_folder_violations(graph: ImportGraph) -> list[str]:
                        or backend_folder(graph, imp.target) == folder)
             if not allowed:
                 problems.append(_describe(imp, f"backends/{folder}/ imports only artifacts, "
-                                               f"backends/base.py, backends/nncf_support.py, backends/nncf_statistics.py, its "
+                                               f"backends/base.py, backends/nncf_support.py, "
+                                               f"backends/nncf_statistics.py, "
+                                               f"backends/layer_names.py, its "
                                                f"own folder and onnxruntime/{{export,format}}.py"))
         elif imp.importer in SHARED_BACKEND_MODULES and imp.target not in SHARED_BACKEND_MODULES:
             problems.append(_describe(imp, "the shared backend modules import no backend"))

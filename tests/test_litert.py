@@ -10,6 +10,7 @@ One INT8 export through the command line converts again, end to end.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def fp32(model, tmp_path_factory) -> Export:
 
 
 def _export_from(fp32: Export, model, output: Path, precision: str,
-                 calibration=None) -> Export:
+                 calibration=None, **options) -> Export:
     """``export_litert`` at ``precision`` without a second conversion: litert-torch's step
     answers with the FP32 export's conversion of the same model at the same size."""
     def converted(deployed, input_size):
@@ -104,7 +105,7 @@ def _export_from(fp32: Export, model, output: Path, precision: str,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(convert, "convert_float", converted)
         result = export_litert(model, output, SIZE, precision, calibration=calibration,
-                               threads=1, log=logged.append)
+                               threads=1, log=logged.append, **options)
     return Export(result, logged, fp32.converted)
 
 
@@ -545,3 +546,156 @@ def test_cli_exports_a_calibrated_int8_model(checkpoint, model, tmp_path):
     assert metadata["quantization_recipe"] == convert.quantization_recipe("int8")
     assert set(metadata["export_stage_seconds"]) == {"convert", "quantize"}
     assert set(metadata["int8_ops"]) == set(convert.INT8_OPERATIONS)
+
+
+# ----------------------------------------------------------------------------- precision config
+# A dense convolution, a linear whose input LayerNorm the converter folds into its weight, and a
+# depthwise convolution shared by the blocks of its stage: all int8 in the plain INT8 model.
+FLOAT_LAYERS = ("backbone.block1.0.mlp.fc1", "backbone.block2.0.attn.kv.0",
+                "backbone.d_convs3.1")
+_KIND_OPERATION = {"conv": "CONV_2D", "depthwise": "DEPTHWISE_CONV_2D",
+                   "linear": "FULLY_CONNECTED"}
+
+
+def _precision_config(model, overrides, **fields):
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+
+    return PrecisionConfig("int8", overrides, **{"variant": VARIANT, "input_size": SIZE,
+                                                 "checkpoint_sha256": model.checkpoint_sha256,
+                                                 **fields})
+
+
+@pytest.fixture(scope="module")
+def deployed(model):
+    from lrformer_edge.models.deploy import to_deploy
+
+    return to_deploy(model, SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def mixed(fp32, model, calibration, tmp_path_factory) -> Export:
+    """The INT8 export that keeps FLOAT_LAYERS float (from the FP32 export's conversion)."""
+    return _export_from(fp32, model, tmp_path_factory.mktemp("litert-mixed") / "mixed.tflite",
+                        "int8", calibration, precision_config=_mixed_config(model))
+
+
+def _mixed_config(model):
+    return _precision_config(model, {layer: "float" for layer in FLOAT_LAYERS})
+
+
+@pytest.mark.slow
+def test_every_layer_is_found_by_its_weight(fp32, deployed):
+    """Each layer of the tiny model is one operator of its kind in the converted model (its
+    d_convs are called by one block), and no operator belongs to two layers."""
+    from lrformer_edge.backends.litert.layer_ops import layer_ops, weighted_ops
+    from lrformer_edge.models.layers import quantizable_layers
+
+    layers = quantizable_layers(deployed)
+    found = layer_ops(fp32.converted, deployed, [layer.name for layer in layers])
+    for layer in layers:
+        assert [op.operation for op in found[layer.name]] == [_KIND_OPERATION[layer.kind]]
+    indices = [op.index for ops in found.values() for op in ops]
+    assert sorted(indices) == sorted({op.index for op in weighted_ops(fp32.converted)})
+
+
+@pytest.mark.slow
+def test_the_recipe_keeps_exactly_the_float_layers_ops(fp32, deployed):
+    """Every emitted regex selects its operator and no other, as ai-edge-quantizer's own
+    recipe manager reads the recipe."""
+    from ai_edge_quantizer import recipe_manager
+
+    from lrformer_edge.backends.litert.layer_ops import (
+        NO_QUANTIZE,
+        check_recipe_keeps_float,
+        float_ops_of,
+        weighted_ops,
+    )
+
+    float_ops = [op for ops in float_ops_of(fp32.converted, deployed, FLOAT_LAYERS).values()
+                 for op in ops]
+    assert len(float_ops) == len(FLOAT_LAYERS)
+    recipe = convert.quantization_recipe("int8", float_ops)
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    for op in weighted_ops(fp32.converted):
+        algorithm, _ = manager.get_quantization_configs(op.operation, op.scope)
+        assert (algorithm == NO_QUANTIZE) == (op in float_ops), op.scope
+    for op in float_ops:
+        assert [other.index for other in weighted_ops(fp32.converted)
+                if re.search(op.regex, other.scope)] == [op.index]
+    check_recipe_keeps_float(fp32.converted, recipe, float_ops)
+    with pytest.raises(RuntimeError, match="keeps operators .* float, the precision config "
+                                           "asked for"):
+        check_recipe_keeps_float(fp32.converted, recipe, float_ops[:1])
+
+
+@pytest.mark.slow
+def test_a_layer_no_operator_holds_is_an_error(fp32):
+    """Another model's weights (same variant, untrained) are nowhere in the converted model."""
+    from lrformer_edge.backends.layer_names import LayerMappingError
+    from lrformer_edge.backends.litert.layer_ops import layer_ops
+    from lrformer_edge.models.deploy import to_deploy
+
+    other = to_deploy(create_model(VARIANT), SIZE).eval()
+    with pytest.raises(LayerMappingError, match="no operator of the LiteRT model holds the "
+                                                "weight of decode_head.conv_seg"):
+        layer_ops(fp32.converted, other, ["decode_head.conv_seg"])
+    with pytest.raises(LayerMappingError, match="has no layer decode_head.conv_sag"):
+        layer_ops(fp32.converted, other, ["decode_head.conv_sag"])
+
+
+@pytest.mark.slow
+def test_int8_with_a_precision_config_keeps_its_layers_float(mixed, int8, model):
+    result = mixed.result
+    int8_ops, float_ops = convert.operator_counts(result.path.read_bytes())
+    plain_int8 = int8.result.metadata["int8_ops"]
+    # One operator per float layer left float, of its kind; every other one still int8.
+    assert dict(int8_ops) == {**plain_int8, "CONV_2D": plain_int8["CONV_2D"] - 1,
+                              "FULLY_CONNECTED": plain_int8["FULLY_CONNECTED"] - 1,
+                              "DEPTHWISE_CONV_2D": plain_int8["DEPTHWISE_CONV_2D"] - 1}
+    assert {op: float_ops[op] for op in convert.INT8_OPERATIONS} == \
+        {"CONV_2D": 1, "FULLY_CONNECTED": 1, "DEPTHWISE_CONV_2D": 1}
+    metadata = read_tflite_metadata(result.path)
+    assert metadata == result.metadata and metadata["precision"] == "int8"
+    assert metadata["precision_config"] == _mixed_config(model).metadata()
+    kept = [entry for entry in metadata["quantization_recipe"]
+            if entry["algorithm_key"] == "no_quantize"]
+    assert len(kept) == len(FLOAT_LAYERS)
+    assert metadata["quantization_recipe"][:len(convert.INT8_OPERATIONS)] == \
+        convert.quantization_recipe("int8")
+    assert result.parity.cosine >= 0.995 and result.parity.pixel_agreement >= 0.9
+
+
+def test_export_refuses_a_precision_config_it_cannot_apply(model, tmp_path):
+    _needs_exporter()
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+    from lrformer_edge.data.calibration import build_calibration_set
+
+    config = _precision_config(model, {FLOAT_LAYERS[0]: "float"})
+    with pytest.raises(ValueError, match="a precision config applies to LiteRT INT8 only; this "
+                                         "export is fp16"):
+        export_litert(model, tmp_path / "m.tflite", SIZE, "fp16", precision_config=config)
+    calibration = build_calibration_set("procedural", model.config.data, SIZE, 1)
+    for wrong, message in [
+        (PrecisionConfig("weights-int4", {FLOAT_LAYERS[0]: "float"}),
+         "LiteRT INT8 applies precision configs of scheme int8 .* this one uses weights-int4"),
+        (_precision_config(model, {FLOAT_LAYERS[0]: "float"}, variant="lrformer-t"),
+         "measured on another model: variant lrformer-t \\(exporting lrformer-test\\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            export_litert(model, tmp_path / "m.tflite", SIZE, "int8", calibration=calibration,
+                          precision_config=wrong)
+    assert list(tmp_path.iterdir()) == []
+    backend = backend_for(tmp_path / "m.tflite")
+    assert backend.precision_schemes == ("int8",) and backend.export_mixed is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "fp16", "--precision-config", "config.json", "--output", "m.tflite"],
+     "--precision-config applies to --precision int8 only"),
+    (["--precision", "int8", "--precision-config", "missing.json", "--output", "m.tflite"],
+     "precision config missing.json does not exist"),
+])
+def test_cli_refuses_a_bad_precision_config_in_one_line(args, message, tmp_path):
+    assert message in _one_error_line(_cli(*args, cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []

@@ -98,19 +98,35 @@ def test_to_openvino_cli(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
-def test_int8_from_an_image_folder_records_its_calibration(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
     import cv2
 
-    from lrformer_edge.data.calibration import build_calibration_set
     from lrformer_edge.data.procedural import generate_scene
 
-    (tmp_path / "frames").mkdir()
+    folder = tmp_path_factory.mktemp("frames")
     for seed in range(6):
-        cv2.imwrite(str(tmp_path / "frames" / f"{seed}.jpg"), generate_scene(seed, 80, 120).image)
-    calibration = build_calibration_set(tmp_path / "frames", tiny.config.data, (64, 96), 4, seed=1)
-    again = build_calibration_set(tmp_path / "frames", tiny.config.data, (64, 96), 4, seed=1)
+        cv2.imwrite(str(folder / f"{seed}.jpg"), generate_scene(seed, 80, 120).image)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder_int8(tiny, frames, tmp_path_factory):
+    """(calibration set from an image folder, the INT8 IR calibrated with it; its statistics
+    are in the suite's default cache)."""
+    from lrformer_edge.data.calibration import build_calibration_set
+
+    calibration = build_calibration_set(frames, tiny.config.data, (64, 96), 4, seed=1)
+    return calibration, export_openvino(tiny, tmp_path_factory.mktemp("int8") / "int8",
+                                        (64, 96), "int8", calibration=calibration)
+
+
+def test_int8_from_an_image_folder_records_its_calibration(tiny, frames, folder_int8, tmp_path):
+    from lrformer_edge.data.calibration import build_calibration_set
+
+    calibration, result = folder_int8
+    again = build_calibration_set(frames, tiny.config.data, (64, 96), 4, seed=1)
     assert len(calibration.batches) == 4 and calibration.sha256 == again.sha256
-    result = export_openvino(tiny, tmp_path / "int8", (64, 96), "int8", calibration=calibration)
     meta = result.metadata
     assert meta["weights_precision"] == "int8"
     assert meta["calibration_set"]["sha256"] == calibration.sha256
@@ -147,6 +163,108 @@ def _assert_pooling_stays_float(xml_path, fp32_pools: int) -> None:
     for op in model.get_ordered_ops():
         if op.get_friendly_name() in names:
             assert op.input_value(1).get_node().get_type_name() != "FakeQuantize"
+
+
+# Float layers of the precision config tests: a linear layer and a shared depthwise convolution
+# (one node per block that calls it), both with ONNX-derived names in every conversion.
+FLOAT_LAYERS = ("backbone.block2.0.attn.kv.0", "backbone.d_convs1.0")
+SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
+DEQUANTIZE_OPS = ("Convert", "Multiply", "Subtract")
+
+
+def _producer(value, through):
+    node = value.get_node()
+    while node.get_type_name() in through:
+        node = node.input_value(0).get_node()
+    return node
+
+
+def _weighted_ops(xml_path) -> dict[str, tuple[bool, bool]]:
+    """{convolution or MatMul with a constant weight: (a FakeQuantize feeds its activation,
+    its weight is an int8 constant)}; shape-only operations and the weight's dequantization are
+    looked through, adaptive pooling (constant on the left) is left out."""
+    import openvino as ov
+
+    found = {}
+    for op in ov.Core().read_model(str(xml_path)).get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul") or \
+                op.input_value(0).get_node().get_type_name() == "Constant":
+            continue
+        weight = _producer(op.input_value(1), SHAPE_OPS + DEQUANTIZE_OPS)
+        if weight.get_type_name() == "Constant":
+            activation = _producer(op.input_value(0), SHAPE_OPS)
+            found[op.get_friendly_name()] = (activation.get_type_name() == "FakeQuantize",
+                                             weight.get_output_element_type(0).get_type_name()
+                                             in ("i8", "u8"))
+    return found
+
+
+def _precision_config(tiny, layers=FLOAT_LAYERS, size=(64, 96)):
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+
+    return PrecisionConfig("int8", {layer: "float" for layer in layers},
+                           variant=tiny.config.name, input_size=size)
+
+
+@pytest.mark.slow
+def test_int8_with_a_precision_config_keeps_its_float_layers_unquantized(tiny, folder_int8,
+                                                                        tmp_path):
+    from lrformer_edge.backends.nncf_statistics import StatisticsKey
+    from lrformer_edge.files import cache_dir
+
+    calibration, plain = folder_int8
+    config = _precision_config(tiny)
+    cache = cache_dir() / "statistics" / StatisticsKey.of(tiny, (64, 96), calibration).file_name()
+    before = cache.stat()
+    result = export_openvino(tiny, tmp_path / "mixed", (64, 96), "int8", calibration=calibration,
+                             precision_config=config)
+    after = cache.stat()
+    # The plain export's statistics cover this one's (fewer quantizers): nothing measured.
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    metadata = OpenVINORunner(result.path).metadata  # read back from the IR
+    assert metadata["precision_config"] == config.metadata()
+    float_nodes = metadata["float_layer_nodes"]
+    assert list(float_nodes) == list(FLOAT_LAYERS) and len(float_nodes["backbone.d_convs1.0"]) \
+        == len(tiny.backbone.block1)
+    names = [name for layer in FLOAT_LAYERS for name in float_nodes[layer]]
+    mixed, quantized = _weighted_ops(result.path), _weighted_ops(plain.path)
+    for name in names:
+        assert mixed[name] == (False, False), name  # float input, float weight
+        assert quantized[name] == (True, True), name  # what plain INT8 made of it
+    int8_weights = sum(weight for _, weight in mixed.values())
+    assert int8_weights == sum(weight for _, weight in quantized.values()) - len(names) > 0
+    assert result.parity.cosine > 0.999
+
+
+def test_a_precision_config_naming_an_unknown_layer_is_refused(tiny, tmp_path):
+    from lrformer_edge.data.calibration import build_calibration_set
+
+    calibration = build_calibration_set("procedural", tiny.config.data, (64, 64), 1)
+    config = _precision_config(tiny, ("backbone.block2.0.attn.kv0",), (64, 64))
+    with pytest.raises(ValueError, match="did you mean 'backbone.block2.0.attn.kv.0'"):
+        export_openvino(tiny, tmp_path / "x", (64, 64), "int8", calibration=calibration,
+                        precision_config=config)
+    with pytest.raises(ValueError, match="precision config apply to int8 only"):
+        export_openvino(tiny, tmp_path / "x", (64, 64), "fp32",
+                        precision_config=_precision_config(tiny, size=(64, 64)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_to_openvino_refuses_a_precision_config_without_int8(tmp_path):
+    config = tmp_path / "config.json"
+    script = str(REPO / "export_scripts" / "to_openvino.py")
+    fp32 = subprocess.run([sys.executable, script, "--precision", "fp16", "--precision-config",
+                           str(config), "--output", str(tmp_path / "ir")],
+                          capture_output=True, text=True)
+    assert fp32.returncode == 2
+    assert "--precision-config applies to --precision int8 only" in fp32.stderr
+    missing = subprocess.run([sys.executable, script, "--precision", "int8",
+                              "--precision-config", str(config), "--output", str(tmp_path / "ir")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"error: precision config {config} does not exist (expected a JSON file written by "
+        f"calibration/sensitivity.py)"]
 
 
 def test_a_runner_that_cannot_compile_says_so(fp32_ir, tiny):

@@ -245,6 +245,151 @@ def test_target_command_repeats_the_engine_options_and_the_validation():
         "--timing-cache", "trt.cache", "--validate", "5", "--variant", "lrformer-t"]
 
 
+# A linear layer (a Gemm once constant-folded), a shared depthwise convolution (one node per
+# block) and a convolution with its BatchNorm folded, whose input quantizer NNCF then moves.
+MIXED_FLOAT_LAYERS = ("backbone.block2.0.attn.kv.0", "backbone.d_convs1.0",
+                      "decode_head.squeeze1.conv")
+MIXED_SIZE = (64, 64)
+SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+@pytest.fixture(scope="module")
+def mixed_qdq(tmp_path_factory):
+    """(config, plain Q/DQ ExportResult, the config's, the statistics cache's stat before and
+    after the config's export) for the tiny model: plain first, so the config's export finds
+    its statistics in the cache."""
+    from lrformer_edge.artifacts.precision_config import PrecisionConfig
+    from lrformer_edge.models.reference_weights import manifest_of, reference_state_dict
+
+    tiny = lrformer_edge.create_model("lrformer-test")
+    tiny.load_state_dict(reference_state_dict(manifest_of(tiny)))
+    calibration = build_calibration_set("procedural", tiny.config.data, MIXED_SIZE, count=4)
+    folder = tmp_path_factory.mktemp("mixed-qdq")
+    cache = folder / "statistics.npz"
+    plain = export_tensorrt_onnx(tiny, folder / "plain.onnx", MIXED_SIZE, "int8", calibration,
+                                 statistics_cache=cache)
+    before = cache.stat()
+    config = PrecisionConfig("int8", {layer: "float" for layer in MIXED_FLOAT_LAYERS},
+                             variant=tiny.config.name, input_size=MIXED_SIZE)
+    mixed = export_tensorrt_onnx(tiny, folder / "mixed.onnx", MIXED_SIZE, "int8", calibration,
+                                 statistics_cache=cache, precision_config=config)
+    return config, plain, mixed, before, cache.stat()
+
+
+def _dequantized_inputs(graph) -> dict[str, list[bool]]:
+    """{Conv/MatMul/Gemm node: per input (activation, weight), whether a DequantizeLinear feeds
+    it, looking through shape-only nodes}."""
+    producers = {out: node for node in graph.graph.node for out in node.output}
+
+    def from_dequantize(name: str) -> bool:
+        node = producers.get(name)
+        while node is not None and node.op_type in SHAPE_OPS:
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    return {node.name: [from_dequantize(name) for name in node.input[:2]]
+            for node in graph.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")}
+
+
+@pytest.mark.slow
+def test_int8_onnx_with_a_precision_config_has_no_qdq_on_its_float_layers(mixed_qdq):
+    from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
+    from lrformer_edge.backends.tensorrt.precisions import trtexec_command
+    from lrformer_edge.backends.tensorrt.qdq import FLOAT_TYPES
+
+    config, plain, mixed, before, after = mixed_qdq
+    # The plain export's statistics cover the config's, the moved input quantizer of the
+    # folded-BatchNorm convolution included: nothing was measured again.
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    graph = onnx.load(str(mixed.path))
+    assert tensorrt_problems(graph) == []  # TensorRT 10 operators, int8 Q/DQ, zero-points 0
+    metadata = read_onnx_metadata(mixed.path)
+    assert metadata["precision_config"] == config.metadata()
+    float_nodes = [n for layer in MIXED_FLOAT_LAYERS for n in metadata["float_layer_nodes"][layer]]
+    mixed_inputs = _dequantized_inputs(graph)
+    plain_inputs = _dequantized_inputs(onnx.load(str(plain.path)))
+    for name in float_nodes:
+        assert mixed_inputs[name] == [False, False], name
+        assert plain_inputs[name][1], name  # plain INT8 quantized its weight
+    int8_weights = sum(weight for _, weight in mixed_inputs.values())
+    assert int8_weights == sum(weight for _, weight in plain_inputs.values()) - len(float_nodes)
+    # The layer-precision list names nodes of this graph: the float layers in FP16, the
+    # operators kept in FP32 everywhere pinned there.
+    precisions = metadata["layer_precisions"]
+    kinds = {node.name: node.op_type for node in graph.graph.node}
+    assert {n for n, p in precisions.items() if p == "fp16"} == set(float_nodes)
+    assert {n for n, p in precisions.items() if p == "fp32"} == \
+        {n for n, op in kinds.items() if op in FLOAT_TYPES}
+    line = shlex.split(trtexec_command(mixed.path, "m.engine", precisions))
+    listed = dict(item.split(":") for item in
+                  next(a for a in line if a.startswith("--layerPrecisions=")).split("=", 1)[1]
+                  .split(","))
+    assert listed == precisions and "--precisionConstraints=prefer" in line
+    assert mixed.parity.cosine > 0.999 and mixed.parity.pixel_agreement > 0.9
+
+
+def test_layer_precisions_apply_by_layer_name_in_a_weakly_typed_build():
+    """The engine builder's use of the list, as far as it runs without TensorRT: a stand-in for
+    TensorRT's network and builder config (the real build is checked on a GPU below)."""
+    from lrformer_edge.backends.tensorrt.engine import network_typing
+    from lrformer_edge.backends.tensorrt.precisions import apply_layer_precisions
+
+    trt = types.SimpleNamespace(
+        float16="half", float32="float",
+        BuilderFlag=types.SimpleNamespace(FP16="FP16", INT8="INT8",
+                                          PREFER_PRECISION_CONSTRAINTS="PREFER"))
+    layers = [types.SimpleNamespace(name=n, precision=None)
+              for n in ("/a/Conv", "/a/Conv_1", "/b/LayerNormalization", "/c/Add")]
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    flags = set()
+    config = types.SimpleNamespace(set_flag=flags.add)
+    precisions = {"/a/Conv": "fp16", "/b/LayerNormalization": "fp32"}
+    assert apply_layer_precisions(trt, network, config, precisions) == 2
+    assert [layer.precision for layer in layers] == ["half", None, "float", None]
+    assert flags == {"FP16", "INT8", "PREFER"}
+    with pytest.raises(RuntimeError, match="no layer named /a/Gemm"):
+        apply_layer_precisions(trt, network, config, {**precisions, "/a/Gemm": "fp16"})
+    metadata = {"layer_precisions": precisions}
+    assert network_typing(metadata, "10.3.0")[:2] == (False, precisions)
+    strongly, applied, notes = network_typing(metadata, "11.0.0")
+    assert strongly and applied == {} and "run in FP32" in notes[0]
+    assert network_typing({}, "10.3.0") == (True, {}, [])
+
+
+def test_the_layer_precision_list_pins_float_types_and_refuses_unusable_names():
+    from lrformer_edge.backends.tensorrt.precisions import layer_precisions
+
+    graph = _qdq_pair_graph(TensorProto.INT8)  # relu -> q -> dq
+    graph.graph.node.append(helper.make_node("Softmax", ["y"], ["s"], name="softmax"))
+    assert layer_precisions(graph, []) == {}  # nothing kept in float: built like plain INT8
+    assert layer_precisions(graph, ["relu"]) == {"softmax": "fp32", "relu": "fp16"}
+    graph.graph.node[0].name = "relu:0"
+    with pytest.raises(ValueError, match="cannot be given to TensorRT's layer precisions"):
+        layer_precisions(graph, ["relu:0"])
+
+
+def test_a_precision_config_goes_with_post_training_int8_only(tmp_path):
+    refused = _cli("--fp16", "--precision-config", "c.json", "--output", "x.engine", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--precision-config goes with --int8 post-training Q/DQ only" in refused.stderr
+
+
+@needs_tensorrt
+def test_engine_builds_with_the_layer_precision_list(mixed_qdq, tmp_path):
+    from lrformer_edge.backends.tensorrt.precisions import builds_weakly_typed
+
+    _, _, mixed, _, _ = mixed_qdq
+    result = build_engine(mixed.path, tmp_path / "mixed.engine")
+    import tensorrt as trt
+
+    weakly = builds_weakly_typed(trt.__version__)
+    assert result.sidecar["strongly_typed"] is not weakly
+    assert bool(result.sidecar["layer_precisions"]) is weakly
+    feed = {"input": np.zeros((1, 3, *MIXED_SIZE), np.float32)}
+    with load_runner(result.path) as engine:
+        assert np.isfinite(engine.infer(feed)["logits"]).all()
+
+
 @needs_tensorrt
 def test_engine_builds_runs_and_matches_onnx_runtime(int8_onnx, tmp_path):
     path, _, calibration = int8_onnx

@@ -12,7 +12,7 @@ cheap and works where a backend's SDK is missing.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,21 @@ class Backend:
       per-tensor activation scales); the QAT starting point takes those of every backend it is
       made for.
     * ``benchmark_candidates(context) -> list[Candidate]`` (``lrformer_edge.benchmark``).
+    * ``precision_schemes``: the low-precision schemes of a precision config
+      (``artifacts/precision_config.py``) this backend's exporter applies, e.g. ("int8",).
+    * ``export_mixed(model, work_dir, input_size, precision_config, calibration) ->
+      ExportResult``: the artifact of ``precision_config`` (its scheme, its overrides), written
+      into the folder ``work_dir`` under a name the backend chooses; ``calibration`` is None
+      for weight-only schemes. The sensitivity front (``validation/front.py``) calls it.
+    * ``proxy_model(model, path, calibration) -> torch.nn.Module``: where artifacts cannot run
+      here (Core ML off macOS), a PyTorch model computing what the artifact computes (its
+      weights read back from it), measured in its place.
+    * ``weight_bytes(layers, precision_of) -> int``: for a backend that stores layer weights in
+      a form of its own (Core ML's palettes), the bytes the weights of ``layers``
+      (``models.layers.Layer``) take in its artifact when layer ``name`` has
+      ``precision_of(name)``; ``keeps_float(layer, precision) -> bool``: whether it leaves that
+      layer's weight uncompressed at ``precision``. The sensitivity analysis sizes artifacts by
+      the one and leaves float in its simulation what the other says (``quant/fake_quant.py``).
     """
 
     name: str
@@ -90,6 +105,11 @@ class Backend:
     qat_artifact_name: str | None = None  # file or folder name of the QAT export, {variant}
     quantizer_rules: Callable[[Any], dict] | None = None
     benchmark_candidates: Callable | None = None
+    precision_schemes: tuple[str, ...] = ()
+    export_mixed: Callable | None = None
+    proxy_model: Callable | None = None
+    weight_bytes: Callable[[Iterable, Callable[[str], str]], int] | None = None
+    keeps_float: Callable[[Any, str], bool] | None = None
     # GPUs and NPUs sum int8 products in 32 bits; x86 CPUs without VNNI saturate 16-bit sums,
     # so INT8 weights for them are made 7-bit (``lrformer_edge.cpu``).
     exact_int8_accumulation: bool = True

@@ -179,16 +179,18 @@ def _collect_or_load(cache, settings, containers, model, graph, dataset, origina
     entry = entry_name(type(aggregator).__name__, settings)
     stored = cache.entries.get(entry, {})
     collectors = _keyed_collectors(aggregator, graph)
-    if collectors and collectors.keys() <= stored.keys():
-        for key, (container, collector) in collectors.items():
-            collector.set_cache(_statistic(container, stored[key]))
+    found = {key: _stored_statistic(stored, key, aliases)
+             for key, (_, _, aliases) in collectors.items()}
+    if collectors and all(fields is not None for fields in found.values()):
+        for key, (container, collector, _) in collectors.items():
+            collector.set_cache(_statistic(container, found[key]))
         log(f"calibration statistics: {len(collectors)} reused from {cache.path}")
         return aggregator.statistic_points
     # The pass fills the collectors of ``containers``, which ``collectors`` holds.
     collected = original(containers, model, graph, dataset)
     measured = {key: {field: np.asarray(value.data) for field, value in
                       collector.get_statistics().get_data(is_serialized=True).items()}
-                for key, (_, collector) in collectors.items()}
+                for key, (_, collector, _) in collectors.items()}
     cache.entries.setdefault(entry, {}).update(measured)
     cache.write()
     log(f"calibration statistics: {len(measured)} measured, cached in {cache.path}")
@@ -196,21 +198,69 @@ def _collect_or_load(cache, settings, containers, model, graph, dataset, origina
 
 
 def _keyed_collectors(aggregator, graph) -> dict:
-    """{statistics key: (statistic class, tensor collector)} of the registered points;
-    collectors without a statistic class (plain dicts) cannot be stored and are left out.
+    """{statistics key: (statistic class, tensor collector, alias keys)} of the registered
+    points; collectors without a statistic class (plain dicts) cannot be stored and are left
+    out.
 
     The key is NNCF's, with generated node names (``Multiply_455740``: numbered from a
     process-wide counter, so they differ from one export to the next) replaced by the node's
-    place in the graph's topological order."""
+    place in the graph's topological order. The aliases are the keys of the same statistic on
+    the same tensor at its other points (the producer's output, each consumer's input): an
+    ignored scope (a precision config's float layers) moves an activation quantizer from a
+    tensor's producer onto the inputs of the consumers that stay quantized, and its statistic
+    stays what it was."""
     stable = _stable_node_names(graph)
+
+    def key_of(container, target_point) -> str:
+        key = aggregator._get_statistics_key(object.__new__(container), target_point)
+        name = target_point.target_node_name
+        return key.replace(name, stable.get(name, name), 1)
+
     keyed = {}
     for _, point, collector in aggregator.statistic_points.get_tensor_collectors():
         container = collector._stat_container
         if container is not None:
-            key = aggregator._get_statistics_key(object.__new__(container), point.target_point)
-            name = point.target_point.target_node_name
-            keyed[key.replace(name, stable.get(name, name), 1)] = (container, collector)
+            aliases = [key_of(container, other)
+                       for other in _points_on_same_tensor(graph, point.target_point)]
+            keyed[key_of(container, point.target_point)] = (container, collector, aliases)
     return keyed
+
+
+def _points_on_same_tensor(graph, target_point) -> list:
+    """The other activation points that see the tensor ``target_point`` sees: its producer's
+    output and its consumers' inputs (none for weights and other target types)."""
+    from nncf.common.graph.transformations.commands import TargetType
+
+    node = graph.get_node_by_name(target_point.target_node_name)
+    if target_point.type == TargetType.PRE_LAYER_OPERATION:
+        edges = [e for e in graph.get_input_edges(node)
+                 if e.input_port_id == target_point.port_id]
+        if not edges:
+            return []
+        producer, port = edges[0].from_node, edges[0].output_port_id
+    elif target_point.type == TargetType.POST_LAYER_OPERATION:
+        producer, port = node, target_point.port_id
+    else:
+        return []
+    point_type = type(target_point)
+    points = [point_type(TargetType.POST_LAYER_OPERATION, producer.node_name, port)]
+    points += [point_type(TargetType.PRE_LAYER_OPERATION, e.to_node.node_name, e.input_port_id)
+               for e in graph.get_output_edges(producer) if e.output_port_id == port]
+    return [p for p in points if (p.type, p.target_node_name, p.port_id) !=
+            (target_point.type, target_point.target_node_name, target_point.port_id)]
+
+
+def _stored_statistic(stored: dict, key: str, aliases) -> dict | None:
+    """The stored fields of ``key``, else of an alias holding a per-tensor statistic (one value
+    per field: the same whichever point of the tensor measured it; per-channel statistics are
+    reduced along the consumer's channel axis, so only their own key is trusted)."""
+    if key in stored:
+        return stored[key]
+    for alias in aliases:
+        fields = stored.get(alias)
+        if fields and all(np.asarray(array).size == 1 for array in fields.values()):
+            return fields
+    return None
 
 
 def _stable_node_names(graph) -> dict[str, str]:

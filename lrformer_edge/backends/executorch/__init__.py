@@ -9,7 +9,12 @@ from lrformer_edge.backends.executorch.describe import (
     describe_program,
     executorch_unavailable_reason,
 )
-from lrformer_edge.backends.executorch.format import EXTRA, PRECISIONS, PTE_SUFFIX
+from lrformer_edge.backends.executorch.format import (
+    EXTRA,
+    PRECISION_SCHEMES,
+    PRECISIONS,
+    PTE_SUFFIX,
+)
 from lrformer_edge.backends.executorch.runner import ExecuTorchRunner
 
 
@@ -18,6 +23,13 @@ def _export(*args, **kwargs):
     from lrformer_edge.backends.executorch.export import export_executorch
 
     return export_executorch(*args, **kwargs)
+
+
+def _export_mixed(*args, **kwargs):
+    """``export_mixed_executorch``, imported on call for the same reason."""
+    from lrformer_edge.backends.executorch.export import export_mixed_executorch
+
+    return export_mixed_executorch(*args, **kwargs)
 
 
 def _export_qat(*args, **kwargs):
@@ -41,5 +53,6 @@ BACKEND = Backend(
     benchmark_candidates=benchmark.candidates, export=_export,
     export_qat=_export_qat, qat_artifact_name="lrformer-qat-int8.pte",
     quantizer_rules=_quantizer_rules,
+    precision_schemes=PRECISION_SCHEMES, export_mixed=_export_mixed,
     exact_int8_accumulation=True,  # XNNPACK's int8 kernels sum in 32 bits on ARM and x86
 )

@@ -21,12 +21,18 @@ from lrformer_edge.artifacts.parity import (
     parity_inputs,
     parity_thresholds,
 )
+from lrformer_edge.artifacts.precision_config import (
+    METADATA_KEY,
+    PrecisionConfig,
+    checked_precision_config,
+)
 from lrformer_edge.artifacts.requests import check_calibration_request, check_output_suffix
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.executorch.delegation import measure_delegation
 from lrformer_edge.backends.executorch.format import (
     DELEGATION_KEY,
     PORTABLE_OPS_KEY,
+    PRECISION_SCHEMES,
     PRECISIONS,
     PTE_SUFFIX,
     STAGE_SECONDS_KEY,
@@ -56,10 +62,13 @@ def check_calibration(precision: str, calibration, input_size: tuple[int, int]) 
 def export_executorch(model, output: str | Path, input_size=None, precision: str = "fp32",
                       calibration=None, threads: int | None = None,
                       parity: ParityThresholds | None = None,
+                      precision_config: PrecisionConfig | None = None,
                       log: Callable[[str], None] = print) -> ExportResult:
     """Write ``output`` (.pte) and return its parity with the PyTorch deploy form.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
+    ``precision_config`` (INT8 only): its float layers stay out of PT2E quantization (by module
+    name), and it is recorded in the metadata;
     ``threads``: the ExecuTorch thread pool size of the parity check (default ExecuTorch's);
     ``log`` gets the lowering's progress, the stage timings and the operator delegation."""
     import torch
@@ -70,17 +79,20 @@ def export_executorch(model, output: str | Path, input_size=None, precision: str
     output = check_output_path(output)
     input_size = check_input_size(input_size_of(model, input_size))
     check_calibration(precision, calibration, input_size)
+    precision_config = check_precision_config(precision, precision_config, model, input_size)
     start = time.time()
     deployed = to_deploy(model, input_size).eval()
     described = program_description(
-        precision, **({"calibration_set": calibration.describe()} if calibration else {}))
+        precision, **({"calibration_set": calibration.describe()} if calibration else {}),
+        **({METADATA_KEY: precision_config.metadata()} if precision_config else {}))
     reserved = reserve_metadata(artifact_metadata(model, input_size, **described))
     from lrformer_edge.backends.executorch.lowering import lower_to_executorch
 
     lowered = lower_to_executorch(
         deployed, input_size, metadata_methods(reserved),
         calibration=None if calibration is None else
-        [torch.from_numpy(batch) for batch in calibration.batches], log=log)
+        [torch.from_numpy(batch) for batch in calibration.batches],
+        float_layers=precision_config.float_layers if precision_config else (), log=log)
     feed = calibration.batches[0] if calibration is not None else parity_inputs(input_size)
     delegation = measure_delegation(lowered.buffer, feed, delegated_ops=lowered.delegated_ops,
                                     portable_ops=lowered.portable_ops)
@@ -94,6 +106,25 @@ def export_executorch(model, output: str | Path, input_size=None, precision: str
                                       threads=threads)
     return ExportResult(output, agreement, time.time() - start, op_counts(lowered),
                         decode_metadata(metadata))
+
+
+def export_mixed_executorch(model, work_dir: str | Path, input_size,
+                            precision_config: PrecisionConfig, calibration) -> ExportResult:
+    """``Backend.export_mixed``: the INT8 program of ``precision_config`` as
+    ``work_dir/model.pte``."""
+    return export_executorch(model, Path(work_dir) / "model.pte", input_size, "int8",
+                             calibration=calibration, precision_config=precision_config)
+
+
+def check_precision_config(precision: str, config: PrecisionConfig | None, model,
+                           input_size) -> PrecisionConfig | None:
+    """A precision config applies to INT8 only (FP32 has nothing to keep in float), and must fit
+    the model (``checked_precision_config``)."""
+    if config is not None and precision != "int8":
+        raise ValueError(f"a precision config applies to ExecuTorch INT8 only; this export is "
+                         f"{precision}")
+    return checked_precision_config(config, model, input_size, PRECISION_SCHEMES,
+                                    "ExecuTorch INT8")
 
 
 def program_description(precision: str, **extra) -> dict:

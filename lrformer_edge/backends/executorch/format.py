@@ -26,6 +26,8 @@ INSTALL = f"pip install 'lrformer-edge[{EXTRA}]'"
 METADATA_METHOD = "lrformer_metadata"
 PTE_SUFFIX = ".pte"
 PRECISIONS = ("fp32", "int8")  # FP32, and PT2E INT8 (XNNPACK quantizer)
+# The precision configs INT8 applies: its float layers stay out of PT2E quantization.
+PRECISION_SCHEMES = ("int8",)
 FORWARD_METHOD = "forward"
 EXPORT_HINT = "export it with export_scripts/to_executorch.py"
 # Metadata keys the export adds beyond every artifact's: what lowering measured.

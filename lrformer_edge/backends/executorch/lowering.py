@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +26,7 @@ QUANTIZATION = {"scheme": "PT2E static", "quantizer": "XNNPACKQuantizer",
                 "weights": "int8 symmetric per-channel", "activations": "int8 per-tensor, min/max",
                 "quantized_ops": "dense convolutions and linears"}
 ACTIVATION_EPS = 2 ** -12  # the smallest activation scale, as XNNPACK's own config
+_LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 
 
 @dataclass
@@ -57,9 +58,11 @@ class _StageTimer:
 def lower_to_executorch(deployed: torch.nn.Module, input_size: tuple[int, int],
                         constant_methods: Mapping[str, torch.Tensor],
                         calibration: Iterable[torch.Tensor] | None = None,
+                        float_layers: Collection[str] = (),
                         log: Callable[[str], None] = print) -> LoweredProgram:
     """``deployed``: a ``to_deploy`` model at ``input_size``; ``calibration``: normalised
-    (1, 3, H, W) batches for INT8 (None: FP32); ``constant_methods``: extra program methods
+    (1, 3, H, W) batches for INT8 (None: FP32); ``float_layers``: module names of layers INT8
+    leaves in float (a precision config's); ``constant_methods``: extra program methods
     returning constants (the metadata)."""
     timer = _StageTimer()
     example = (torch.zeros(1, 3, *input_size),)
@@ -71,7 +74,7 @@ def lower_to_executorch(deployed: torch.nn.Module, input_size: tuple[int, int],
                         "batch_norms_folded": fold_batch_norms(module)}
         if calibration is not None:
             with timer("quantize"):
-                module, quantization = quantize_pt2e(module, calibration)
+                module, quantization = quantize_pt2e(module, calibration, float_layers)
         with timer("shape"):
             rewrites.update(shape_for_xnnpack(module, example))
             rewrites["constants_shared"] = share_identical_constants(module)
@@ -99,13 +102,16 @@ def _lower(program, constant_methods: Mapping[str, torch.Tensor]):
                                            compile_config=config)
 
 
-def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tensor]):
-    """PT2E static INT8 with the XNNPACK quantizer, calibrated on ``calibration``."""
+def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tensor],
+                  float_layers: Collection[str] = ()):
+    """PT2E static INT8 with the XNNPACK quantizer, calibrated on ``calibration``; the layers
+    named in ``float_layers`` (module names) stay float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(_quantization_config())
-    prepared = prepare_pt2e(module, quantizer.set_filter_function(_quantized_node))
+    quantized_node = quantized_node_filter(module.graph, float_layers)
+    prepared = prepare_pt2e(module, quantizer.set_filter_function(quantized_node))
     images = 0
     with torch.no_grad():
         for batch in track(calibration, what="images", label="PT2E calibration"):
@@ -113,7 +119,58 @@ def quantize_pt2e(module: torch.fx.GraphModule, calibration: Iterable[torch.Tens
             images += 1
     if not images:
         raise ValueError("the calibration set is empty: INT8 needs at least one image")
-    return convert_pt2e(prepared), {**QUANTIZATION, "calibration_images": images}
+    converted = convert_pt2e(prepared)
+    return converted, {**QUANTIZATION, "calibration_images": images,
+                       "int8_layers": len(int8_layers(converted.graph))}
+
+
+def layer_of(node: torch.fx.Node) -> str | None:
+    """The module name of the layer that computes ``node`` (its innermost module in the
+    exported graph's ``nn_module_stack``; a module called again, as the ``d_convsN.i`` every
+    block of a stage shares, keeps its name), or None for a node no module made."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def layer_nodes(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    """The convolution and linear nodes of ``graph``, by the module name of their layer."""
+    nodes: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _LAYER_OPS and layer_of(node):
+            nodes.setdefault(layer_of(node), []).append(node)
+    return nodes
+
+
+def int8_layers(graph: torch.fx.Graph) -> list[str]:
+    """The layers of a converted PT2E graph whose weights are int8 (dequantized into their
+    convolution or linear), by module name."""
+    return [name for name, nodes in layer_nodes(graph).items()
+            if any(_is_dequantize(node.args[1]) for node in nodes)]
+
+
+def _is_dequantize(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" \
+        and "dequantize" in _op_name(node.target)
+
+
+def quantized_node_filter(graph: torch.fx.Graph, float_layers: Collection[str] = ()) \
+        -> Callable[[torch.fx.Node], bool]:
+    """The XNNPACK quantizer's filter (``_quantized_node``) with the layers named in
+    ``float_layers`` refused. A name that no convolution or linear of ``graph`` carries is an
+    error: the config would silently apply to nothing."""
+    kept_float = frozenset(float_layers)
+    missing = sorted(kept_float - set(layer_nodes(graph)))
+    if missing:
+        raise ValueError(f"the precision config keeps {len(missing)} layer(s) in float that no "
+                         f"convolution or linear of the exported graph comes from: "
+                         f"{', '.join(missing)}; expected module names of the deploy form's "
+                         f"layers (models/layers.py)")
+
+    def quantized(node: torch.fx.Node) -> bool:
+        # A pattern's weight and bias (get_attr) pass: the operator's answer decides it.
+        return _quantized_node(node) and (node.op == "get_attr"
+                                          or layer_of(node) not in kept_float)
+    return quantized
 
 
 def _quantized_node(node: torch.fx.Node) -> bool:

@@ -14,13 +14,15 @@ FP16 or INT8 model from that one by a recipe.
   int8 layer); with the batched matmuls too 97.79% and 713.1 ms; every operator (the
   quantizer's default recipe) 97.8% and 3x slower than FP32 (XNNPACK has no int8 kernels for
   several of them, and LiteRT runs those on its reference kernels).
+* INT8 with a precision config: the operators of its float layers (``layer_ops.py`` finds them
+  by weight) get recipe entries that keep them float, after the INT8 ones.
 """
 from __future__ import annotations
 
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -28,6 +30,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from lrformer_edge.backends.litert.format import litert_module
+from lrformer_edge.backends.litert.layer_ops import (
+    check_recipe_keeps_float,
+    float_ops_of,
+    keep_float_recipe,
+)
 from lrformer_edge.progress import heartbeat, track
 
 INT8_OPERATIONS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
@@ -47,12 +54,13 @@ _FP16_CONFIG = {
 }
 
 
-def quantization_recipe(precision: str) -> list[dict]:
-    """The ai-edge-quantizer recipe of ``precision`` (fp16, int8), recorded in the metadata."""
+def quantization_recipe(precision: str, float_ops: Iterable = ()) -> list[dict]:
+    """The ai-edge-quantizer recipe of ``precision`` (fp16, int8), recorded in the metadata;
+    ``float_ops`` (int8): ``layer_ops.TfliteOp``s it keeps float."""
     if precision == "int8":
         return [{"regex": ".*", "operation": operation,
                  "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_CONFIG}
-                for operation in INT8_OPERATIONS]
+                for operation in INT8_OPERATIONS] + keep_float_recipe(float_ops)
     if precision == "fp16":
         return [{"regex": ".*", "operation": "*", "algorithm_key": "float_casting",
                  "op_config": _FP16_CONFIG}]
@@ -80,10 +88,11 @@ def convert_float(deployed, input_size: tuple[int, int]) -> bytes:
 
 
 def quantize(model: bytes, precision: str, calibration: Iterable[np.ndarray] | None,
-             threads: int | None) -> bytes:
-    """``model`` (FP32) made ``precision`` by its recipe, INT8 calibrated on ``calibration``."""
+             threads: int | None, recipe: list[dict] | None = None) -> bytes:
+    """``model`` (FP32) made ``precision`` by ``recipe`` (default: its recipe), INT8
+    calibrated on ``calibration``."""
     module = litert_module("ai_edge_quantizer.quantizer", "LiteRT quantization")
-    recipe = quantization_recipe(precision)
+    recipe = recipe or quantization_recipe(precision)
     quantizer = module.Quantizer(bytearray(model), recipe)
     with _without_quantizer_bars():
         ranges = calibrate(model, recipe, list(calibration), threads) \
@@ -137,8 +146,9 @@ def _signature_input(model: bytes) -> tuple[str, str]:
 
 def convert(deployed, input_size: tuple[int, int], precision: str,
             calibration: Iterable[np.ndarray] | None = None,
-            threads: int | None = None) -> Conversion:
-    """The ``.tflite`` of ``precision`` (fp32, fp16, int8), with the stage timings."""
+            threads: int | None = None, float_layers: Collection[str] = ()) -> Conversion:
+    """The ``.tflite`` of ``precision`` (fp32, fp16, int8), with the stage timings;
+    ``float_layers`` (int8): module names of layers kept float (a precision config's)."""
     stages = {}
     start = time.perf_counter()
     model = convert_float(deployed, input_size)
@@ -146,9 +156,14 @@ def convert(deployed, input_size: tuple[int, int], precision: str,
     if precision == "fp32":
         return Conversion(model, stages)
     start = time.perf_counter()
-    model = quantize(model, precision, calibration, threads)
+    float_ops = [op for ops in float_ops_of(model, deployed, float_layers).values()
+                 for op in ops]
+    recipe = quantization_recipe(precision, float_ops)
+    if float_ops:
+        check_recipe_keeps_float(model, recipe, float_ops)
+    model = quantize(model, precision, calibration, threads, recipe)
     stages["quantize"] = time.perf_counter() - start
-    return Conversion(model, stages, quantization_recipe(precision))
+    return Conversion(model, stages, recipe)
 
 
 def operator_counts(model: bytes) -> tuple[Counter, Counter]:

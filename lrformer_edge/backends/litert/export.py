@@ -20,9 +20,15 @@ from lrformer_edge.artifacts.parity import (
     parity_inputs,
     parity_thresholds,
 )
+from lrformer_edge.artifacts.precision_config import (
+    METADATA_KEY,
+    PrecisionConfig,
+    checked_precision_config,
+)
 from lrformer_edge.artifacts.requests import check_calibration_request, check_output_suffix
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.litert.format import (
+    PRECISION_SCHEMES,
     PRECISIONS,
     TFLITE_SUFFIX,
     litert_module,
@@ -49,10 +55,13 @@ def check_calibration(precision: str, calibration, input_size: tuple[int, int]) 
 def export_litert(model, output: str | Path, input_size=None, precision: str = "fp32",
                   calibration=None, threads: int | None = None,
                   parity: ParityThresholds | None = None,
+                  precision_config: PrecisionConfig | None = None,
                   log: Callable[[str], None] = print) -> ExportResult:
     """Write ``output`` (.tflite) and return its parity with the PyTorch deploy form.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
+    ``precision_config`` (INT8 only): the operators of its float layers stay float (found by
+    weight, ``layer_ops.py``), and it is recorded in the metadata;
     ``threads``: LiteRT's thread count for calibration and the parity check (default LiteRT's);
     ``log`` gets the stage timings and the operators that stay float."""
     from lrformer_edge.backends.litert.convert import convert, operator_counts
@@ -63,15 +72,18 @@ def export_litert(model, output: str | Path, input_size=None, precision: str = "
     output = check_output_path(output)
     input_size = check_input_size(input_size_of(model, input_size))
     check_calibration(precision, calibration, input_size)
+    precision_config = check_precision_config(precision, precision_config, model, input_size)
     start = time.time()
     deployed = to_deploy(model, input_size).eval()
     converted = convert(deployed, input_size, precision,
                         calibration=None if calibration is None else calibration.batches,
-                        threads=threads)
+                        threads=threads,
+                        float_layers=precision_config.float_layers if precision_config else ())
     int8_ops, float_ops = operator_counts(converted.model)
     metadata = artifact_metadata(
         model, input_size, **model_description(precision),
         **({"calibration_set": calibration.describe()} if calibration else {}),
+        **({METADATA_KEY: precision_config.metadata()} if precision_config else {}),
         **({"quantization_recipe": converted.recipe} if converted.recipe else {}),
         **{STAGE_SECONDS_KEY: {stage: round(seconds, 2)
                                for stage, seconds in converted.stage_seconds.items()},
@@ -85,6 +97,24 @@ def export_litert(model, output: str | Path, input_size=None, precision: str = "
                                     threads=threads)
     return ExportResult(output, agreement, time.time() - start,
                         dict(sorted((int8_ops + float_ops).items())), decode_metadata(metadata))
+
+
+def export_mixed_litert(model, work_dir: str | Path, input_size,
+                        precision_config: PrecisionConfig, calibration) -> ExportResult:
+    """``Backend.export_mixed``: the INT8 model of ``precision_config`` as
+    ``work_dir/model.tflite``."""
+    return export_litert(model, Path(work_dir) / "model.tflite", input_size, "int8",
+                         calibration=calibration, precision_config=precision_config)
+
+
+def check_precision_config(precision: str, config: PrecisionConfig | None, model,
+                           input_size) -> PrecisionConfig | None:
+    """A precision config applies to INT8 only (FP32 and FP16 quantize no activations), and must
+    fit the model (``checked_precision_config``)."""
+    if config is not None and precision != "int8":
+        raise ValueError(f"a precision config applies to LiteRT INT8 only; this export is "
+                         f"{precision}")
+    return checked_precision_config(config, model, input_size, PRECISION_SCHEMES, "LiteRT INT8")
 
 
 def model_description(precision: str) -> dict:

@@ -24,6 +24,8 @@ TFLITE_SUFFIX = ".tflite"
 # FP32; FP16 weights (dequantised on CPUs, native on GPU delegates); static INT8 weights and
 # activations with float input and output.
 PRECISIONS = ("fp32", "fp16", "int8")
+# The precision configs INT8 applies: its float layers' operators stay float (``layer_ops.py``).
+PRECISION_SCHEMES = ("int8",)
 METADATA_NAME = "lrformer_metadata"
 EXPORT_HINT = "export it with export_scripts/to_litert.py"
 # A .tflite starts with a 4-byte flatbuffer root offset, then the file identifier "TFL3".

@@ -10,7 +10,7 @@ from lrformer_edge.backends.openvino.describe import (
     is_ir_folder,
 )
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
-from lrformer_edge.backends.openvino.ptq import quantize_openvino
+from lrformer_edge.backends.openvino.ptq import PRECISION_SCHEMES, quantize_openvino
 from lrformer_edge.backends.openvino.runner import (
     DEFAULT_PRECISION,
     PRECISIONS,
@@ -23,6 +23,13 @@ def _export(*args, **kwargs):
     from lrformer_edge.backends.openvino.export import export_openvino
 
     return export_openvino(*args, **kwargs)
+
+
+def _export_mixed(*args, **kwargs):
+    """``export_mixed_openvino``, imported on call for the same reason."""
+    from lrformer_edge.backends.openvino.export import export_mixed_openvino
+
+    return export_mixed_openvino(*args, **kwargs)
 
 
 def _export_qat(*args, **kwargs):
@@ -48,5 +55,6 @@ BACKEND = Backend(
     benchmark_candidates=benchmark.candidates,
     export=_export, quantize=quantize_openvino,
     export_qat=_export_qat, qat_artifact_name="openvino-int8",
+    precision_schemes=PRECISION_SCHEMES, export_mixed=_export_mixed,
     exact_int8_accumulation=False,  # x86 CPUs without VNNI saturate 16-bit int8 sums
 )

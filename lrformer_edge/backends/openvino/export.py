@@ -28,12 +28,19 @@ from lrformer_edge.artifacts.parity import (
     parity_inputs,
     parity_thresholds,
 )
+from lrformer_edge.artifacts.precision_config import (
+    METADATA_KEY,
+    PrecisionConfig,
+    checked_precision_config,
+)
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
 from lrformer_edge.artifacts.runner import RunnerStateError
 from lrformer_edge.artifacts.staging import staged_directory
+from lrformer_edge.backends.layer_names import float_layer_nodes
 from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS, write_rt_metadata
+from lrformer_edge.backends.openvino.ptq import PRECISION_SCHEMES
 from lrformer_edge.backends.openvino.runner import (
     PRECISIONS,
     OpenVINORunner,
@@ -54,7 +61,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                     batch_size: int | None = 1, parity: ParityThresholds | None = None,
                     calibration=None, max_drop: float | None = None,
                     target_isa: str = DEFAULT_INT8_TARGET,
-                    statistics_cache: str | Path | bool = True) -> ExportResult:
+                    statistics_cache: str | Path | bool = True,
+                    precision_config: PrecisionConfig | None = None) -> ExportResult:
     """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
@@ -66,16 +74,21 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     without VNNI, an IR for VNNI targets is checked with exact int8 arithmetic (emulated).
     ``statistics_cache`` (int8): where calibration statistics are reused from and kept
     (``nncf_statistics.open_statistics_cache``; False: none).
+    ``precision_config`` (int8): its float layers stay out of NNCF's quantization (ignored scope
+    by friendly name, ``openvino/layer_names.py``); the IR records it and those names.
     """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
         raise ValueError(f"precision must be one of {IR_PRECISIONS}, got {precision!r}")
     if precision == "int8" and calibration is None:
         raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
-    if precision != "int8" and (calibration is not None or max_drop is not None):
-        raise ValueError("calibration data and max_drop apply to int8 only")
+    if precision != "int8" and (calibration is not None or max_drop is not None
+                                or precision_config is not None):
+        raise ValueError("calibration data, max_drop and a precision config apply to int8 only")
     target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size_of(model, input_size))
+    precision_config = checked_precision_config(precision_config, model, input_size,
+                                                PRECISION_SCHEMES, "OpenVINO INT8")
     cache = open_statistics_cache(model, input_size, calibration, statistics_cache) \
         if precision == "int8" else None
 
@@ -85,10 +98,17 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
             ov_model = ov.convert_model(str(onnx_result.path))
         quantization = {}
         if precision == "int8":
+            from lrformer_edge.backends.openvino.layer_names import openvino_layer_nodes
             from lrformer_edge.backends.openvino.ptq import quantize_openvino
 
-            ov_model, quantization = quantize_openvino(ov_model, model, calibration, max_drop,
-                                                       target_isa, cache)
+            float_nodes = float_layer_nodes(
+                precision_config, lambda: openvino_layer_nodes(model, ov_model))
+            ov_model, quantization = quantize_openvino(
+                ov_model, model, calibration, max_drop, target_isa, cache,
+                [name for names in float_nodes.values() for name in names])
+            if precision_config is not None:
+                quantization = {**quantization, METADATA_KEY: precision_config.metadata(),
+                                "float_layer_nodes": float_nodes}
         return ov_model, artifact_metadata(
             model, input_size, format="openvino-ir", weights_precision=precision,
             batch_size=batch_size or "dynamic", openvino_version=ov.__version__,
@@ -99,6 +119,15 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     return write_checked_ir(convert, output_dir, model.config.name, to_deploy(model, input_size),
                             feed, parity or parity_thresholds(precision),
                             compress_to_fp16=precision == "fp16")
+
+
+def export_mixed_openvino(model, work_dir: str | Path, input_size,
+                          precision_config: PrecisionConfig, calibration) -> ExportResult:
+    """``Backend.export_mixed``: the INT8 IR of ``precision_config`` in ``work_dir/openvino-int8``
+    (calibration statistics from the default cache, so repeated exports of one model are
+    fast)."""
+    return export_openvino(model, Path(work_dir) / "openvino-int8", input_size, "int8",
+                           calibration=calibration, precision_config=precision_config)
 
 
 def export_qat_openvino(quantized, payload: dict, output_dir: str | Path,
@@ -226,6 +255,15 @@ def compiles_under_every_hint(xml: Path, checked: tuple[str, ...] = ()) -> None:
                                      f"{error}") from None
         if not np.isfinite(output).all():
             raise ArtifactCheckError(f"{xml.name} gives non-finite outputs at precision {hint}")
+
+
+def precision_config_lines(metadata: dict) -> list[str]:
+    """What an INT8 IR made from a precision config kept in float, for the export summary."""
+    float_nodes = metadata.get("float_layer_nodes")
+    if not float_nodes:
+        return []
+    return [f"precision config: {len(float_nodes)} layer(s) kept in float "
+            f"({sum(map(len, float_nodes.values()))} operation(s) in NNCF's ignored scope)"]
 
 
 def compile_check_line() -> str:

@@ -15,12 +15,17 @@ Settings, and why:
   check ``any_of(scale.size(), OC, 1U)`` fails: the per-row weight scale is not per output
   channel). The classifier is left to NNCF's defaults. Accuracy control, when asked for, reverts the most
   sensitive remaining layers to float until the mIoU drop fits.
+* A precision config's float layers (``float_nodes``: their operations' friendly names,
+  ``openvino/layer_names.py``) join the ignored scope; the scope is then validated, so a name
+  NNCF does not find fails the export instead of leaving that layer quantized.
 * ``target_isa`` (see ``lrformer_edge.cpu``): the default ``portable`` limits weights to 7 bits
   everywhere (``OverflowFix.ENABLE``), so no x86 CPU saturates its 16-bit int8 sums; ``vnni`` and
   ``amx`` keep full 8-bit weights (``OverflowFix.DISABLE``) for CPUs that accumulate in 32 bits.
   NNCF's own default (first layer only) suits neither and is never used.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,6 +41,7 @@ from lrformer_edge.metrics import ConfusionMatrix
 from lrformer_edge.progress import heartbeat
 
 IGNORED_TYPES = ("Interpolate",)
+PRECISION_SCHEMES = ("int8",)  # of a precision config: INT8 with float layers (ignored scope)
 
 
 def _nncf():
@@ -55,6 +61,14 @@ def quantization_settings(calibration, max_drop, target_isa: str) -> dict:
         "calibration_set": calibration.describe()}
 
 
+def ignored_scope(nncf, ov_model, float_nodes: Sequence[str] = ()):
+    """Interpolates, pooling MatMuls and ``float_nodes``. Validated when ``float_nodes`` are
+    given (the pooling names come from this model and every LRFormer has Interpolates, so only
+    a wrong float node can fail it)."""
+    return nncf.IgnoredScope(names=pooling_matmuls(ov_model) + list(float_nodes),
+                             types=list(IGNORED_TYPES), validate=bool(float_nodes))
+
+
 def pooling_matmuls(ov_model) -> list[str]:
     """Names of the MatMuls that multiply a constant matrix from the left: the deploy form's
     exact adaptive pooling (attention and linear layers have their weights on the right)."""
@@ -64,25 +78,28 @@ def pooling_matmuls(ov_model) -> list[str]:
 
 
 def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None,
-                      target_isa: str = DEFAULT_INT8_TARGET, statistics_cache=None):
+                      target_isa: str = DEFAULT_INT8_TARGET, statistics_cache=None,
+                      float_nodes: Sequence[str] = ()):
     """(quantized ov.Model, settings for the artifact metadata). ``statistics_cache``: a
     ``nncf_statistics.StatisticsCache`` whose statistics are reused where they cover the
-    quantizer's (a new statistics pass is added to it)."""
+    quantizer's (a new statistics pass is added to it). ``float_nodes``: friendly names of
+    operations kept in float (a precision config's float layers); they are not part of the
+    settings, so the statistics of a plain export cover an export with a config."""
     target_isa = resolve_int8_target(target_isa)
     settings = quantization_settings(calibration, max_drop, target_isa)
     with heartbeat("NNCF INT8 quantization (OpenVINO)"), \
             cached_nncf_statistics(statistics_cache, settings["quantization"]):
-        return _quantize(ov_model, torch_model, calibration, max_drop, target_isa), settings
+        return _quantize(ov_model, torch_model, calibration, max_drop, target_isa,
+                         float_nodes), settings
 
 
-def _quantize(ov_model, torch_model, calibration, max_drop, target_isa):
+def _quantize(ov_model, torch_model, calibration, max_drop, target_isa, float_nodes=()):
     nncf = _nncf()
     dataset = nncf.Dataset(calibration.batches)
     common = dict(
         model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
         subset_size=len(calibration.batches),
-        ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(ov_model),
-                                        types=list(IGNORED_TYPES), validate=False))
+        ignored_scope=ignored_scope(nncf, ov_model, float_nodes))
     advanced = nncf.AdvancedQuantizationParameters(
         overflow_fix=overflow_fix(nncf, target_isa),
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1, convolution=-1))

@@ -10,7 +10,9 @@ from lrformer_edge.backends.base import ArtifactDescription, Backend, variant_ch
 from lrformer_edge.backends.tensorrt import benchmark
 from lrformer_edge.backends.tensorrt.engine import tensorrt_unavailable_reason
 from lrformer_edge.backends.tensorrt.export import (
+    PRECISION_SCHEMES,
     TRT_PRECISIONS,
+    export_mixed_qdq_onnx,
     export_qat_qdq_onnx,
     export_tensorrt_onnx,
 )
@@ -39,4 +41,5 @@ BACKEND = Backend(
     benchmark_candidates=benchmark.candidates,
     export=export_tensorrt_onnx, quantize=quantize_qdq, quantizer_rules=quantizer_rules,
     export_qat=export_qat_qdq_onnx, qat_artifact_name="lrformer-qat-int8.onnx",
+    precision_schemes=PRECISION_SCHEMES, export_mixed=export_mixed_qdq_onnx,
 )

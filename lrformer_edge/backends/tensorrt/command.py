@@ -33,14 +33,19 @@ from lrformer_edge.backends.tensorrt.export import (
     export_qat_qdq_onnx,
     export_tensorrt_onnx,
 )
+from lrformer_edge.backends.tensorrt.precisions import (
+    recorded_layer_precisions,
+    trtexec_command,
+)
 
 ENGINE_NOT_BUILT_EXIT = 3  # TensorRT or a GPU is missing here; the ONNX for the target is written
 
 
-def tensorrt_command(session) -> int:
-    """The exit code of to_tensorrt.py for ``session.args`` (see the module)."""
+def tensorrt_command(session, precision_config=None) -> int:
+    """The exit code of to_tensorrt.py for ``session.args`` (see the module);
+    ``precision_config``: the ``PrecisionConfig`` of --precision-config (int8)."""
     args = session.args
-    code, done = run_export_cli(lambda: _onnx_step(session))
+    code, done = run_export_cli(lambda: _onnx_step(session, precision_config))
     if done is None:
         return code
     metadata, model = done
@@ -55,7 +60,8 @@ def tensorrt_command(session) -> int:
     except TensorRTUnavailable as missing:
         command = target_command(onnx_path, args.precision, args.output, options,
                                  _target_validation_args(args))
-        print(engine_not_built(str(missing), onnx_path, command), file=sys.stderr)
+        print(engine_not_built(str(missing), onnx_path, command,
+                               _trtexec_line(onnx_path, args.output, metadata)), file=sys.stderr)
         return ENGINE_NOT_BUILT_EXIT
     except (TimingCacheMismatch, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -64,7 +70,13 @@ def tensorrt_command(session) -> int:
     return _validate(session, model, metadata, args.output, f"TensorRT {args.precision} engine")
 
 
-def _onnx_step(session) -> tuple[dict, object]:
+def _trtexec_line(onnx_path: Path, engine_path: Path, metadata: dict) -> str | None:
+    """The trtexec line of an ONNX with a layer-precision list (None without one)."""
+    precisions = recorded_layer_precisions(metadata)
+    return trtexec_command(onnx_path, engine_path, precisions) if precisions else None
+
+
+def _onnx_step(session, precision_config=None) -> tuple[dict, object]:
     """(metadata of the TensorRT-ready ONNX, the PyTorch model exported here or None)."""
     args = session.args
     if args.from_onnx:
@@ -85,7 +97,8 @@ def _onnx_step(session) -> tuple[dict, object]:
                 f"TensorRT ONNX")
     result = export_tensorrt_onnx(model, onnx_path_for(args.output), size, args.precision,
                                   calibration,
-                                  statistics_cache=statistics_cache_from_args(args))
+                                  statistics_cache=statistics_cache_from_args(args),
+                                  precision_config=precision_config)
     session.log(result.summary())
     quantization = result.metadata.get("quantization")
     if quantization:
@@ -93,6 +106,15 @@ def _onnx_step(session) -> tuple[dict, object]:
                     f"quantizers, {quantization['int8_weights']} int8 weights "
                     f"({quantization['per_channel_weights']} per-channel), zero-points 0, "
                     f"operators all in TensorRT 10's ONNX matrix")
+    float_nodes = result.metadata.get("float_layer_nodes")
+    if float_nodes:
+        # Without --onnx-only the trtexec line comes with the engine build's outcome.
+        trtexec = (f"; with TensorRT 10.x's trtexec:\n    "
+                   f"{_trtexec_line(onnx_path_for(args.output), args.output, result.metadata)}"
+                   if args.onnx_only else "")
+        session.log(f"precision config: {len(float_nodes)} layer(s) kept in float "
+                    f"({sum(map(len, float_nodes.values()))} ONNX node(s) without Q/DQ); the "
+                    f"ONNX records their layer-precision list for the engine build{trtexec}")
     return result.metadata, model
 
 

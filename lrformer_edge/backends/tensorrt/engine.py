@@ -11,6 +11,13 @@ from pathlib import Path
 from lrformer_edge.artifacts.metadata import METADATA_PREFIX
 from lrformer_edge.backends.onnxruntime.format import read_onnx_metadata
 from lrformer_edge.backends.tensorrt.cuda import RUNTIME_INSTALL, cuda_gpu_name
+from lrformer_edge.backends.tensorrt.precisions import (
+    FLOAT_LAYER_PRECISION,
+    LAYER_PRECISIONS_KEY,
+    apply_layer_precisions,
+    builds_weakly_typed,
+    recorded_layer_precisions,
+)
 from lrformer_edge.backends.tensorrt.sidecar import sidecar_path
 from lrformer_edge.files import atomic_write, check_output_file, file_sha256
 from lrformer_edge.progress import heartbeat
@@ -82,13 +89,17 @@ def target_command(onnx_path: str | Path, precision: str, engine_path: str | Pat
     return " ".join(shlex.quote(part) for part in [*command, *extra_args])
 
 
-def engine_not_built(reason: str, onnx_path: str | Path, command: str) -> str:
+def engine_not_built(reason: str, onnx_path: str | Path, command: str,
+                     trtexec: str | None = None) -> str:
     """What to tell a user on a machine that cannot build the engine: why, and what to run on
-    the target with the ONNX that is in place."""
+    the target with the ONNX that is in place (``trtexec``: the trtexec line of an ONNX with a
+    layer-precision list, ``precisions.trtexec_command``)."""
+    alternative = (f"or, with TensorRT 10.x's trtexec (the float layers in FP16):\n    "
+                   f"{trtexec}\n" if trtexec else "")
     return (f"TensorRT engine NOT built: {reason}.\n"
             f"The TensorRT-ready ONNX is in place: {onnx_path}\n"
             f"On the target (Jetson with JetPack 6/7, or an x86 machine with an NVIDIA GPU and "
-            f"TensorRT 10.x/11.x), run:\n    {command}\n"
+            f"TensorRT 10.x/11.x), run:\n    {command}\n{alternative}"
             f"(add --onnx-only here to treat writing the ONNX as success)")
 
 
@@ -107,7 +118,7 @@ class EngineResult:
 
 
 def engine_sidecar(onnx_path: Path, tensorrt_version: str, gpu: str, options: EngineOptions,
-                   strongly_typed: bool) -> dict:
+                   strongly_typed: bool, layer_precisions: dict | None = None) -> dict:
     metadata = read_onnx_metadata(onnx_path)
     calibration = metadata.get("calibration_set") or {}
     return {
@@ -120,7 +131,27 @@ def engine_sidecar(onnx_path: Path, tensorrt_version: str, gpu: str, options: En
         "strongly_typed": strongly_typed, "workspace_mib": options.workspace_mib,
         "dla_core": options.dla_core,
         "timing_cache": str(options.timing_cache) if options.timing_cache else None,
+        LAYER_PRECISIONS_KEY: layer_precisions or None,  # what the build applied
     }
+
+
+def network_typing(onnx_metadata: dict, tensorrt_version: str) -> tuple[bool, dict, list[str]]:
+    """(strongly typed?, layer precisions to apply, notes) for building an engine from an ONNX
+    with ``onnx_metadata``: strongly typed (the ONNX's types decide) unless the ONNX carries a
+    layer-precision list and this TensorRT still builds weakly typed networks."""
+    precisions = recorded_layer_precisions(onnx_metadata)
+    if not precisions:
+        return True, {}, []
+    fp16 = sum(p == FLOAT_LAYER_PRECISION for p in precisions.values())
+    if builds_weakly_typed(tensorrt_version):
+        return False, precisions, [
+            f"weakly typed build with the ONNX's layer-precision list: {fp16} float-layer "
+            f"node(s) preferred in FP16, {len(precisions) - fp16} in FP32, the rest as the Q/DQ "
+            f"and the builder choose"]
+    return True, {}, [
+        f"TensorRT {tensorrt_version} builds strongly typed networks only: the {fp16} "
+        f"float-layer node(s) of the precision config run in FP32, as the ONNX types them (the "
+        f"layer-precision list applies to TensorRT 10.x)"]
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path,
@@ -138,12 +169,19 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
     builder = trt.Builder(logger)
     # Strongly typed: the ONNX's types decide each layer's precision (Q/DQ for int8, FP16 tensors
     # for fp16). TensorRT 11 has no other mode; on 10.x it keeps LayerNorm/Softmax in FP32.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # The exception: a layer-precision list (a precision config's float layers in FP16) needs a
+    # weakly typed network, which TensorRT 10.x still builds.
+    strongly_typed, precisions, notes = network_typing(read_onnx_metadata(onnx_path),
+                                                       trt.__version__)
+    network = builder.create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))
     config = builder.create_builder_config()
+    if precisions:
+        apply_layer_precisions(trt, network, config, precisions)
     if options.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if options.dla_core is not None:
@@ -160,11 +198,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path,
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (run with "
                            f"--verbose for the builder log)")
     sidecar = engine_sidecar(onnx_path, trt.__version__, cuda_gpu_name(), options,
-                             strongly_typed=True)
+                             strongly_typed=strongly_typed, layer_precisions=precisions)
     atomic_write(engine_path, lambda path: Path(path).write_bytes(bytes(serialized)))
     atomic_write(sidecar_path(engine_path),
                  lambda path: Path(path).write_text(json.dumps(sidecar, indent=2)))
-    notes = []
     if options.timing_cache is not None:
         data = bytes(cache.serialize())
         atomic_write(options.timing_cache, lambda path: Path(path).write_bytes(data))

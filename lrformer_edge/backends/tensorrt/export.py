@@ -36,7 +36,13 @@ from lrformer_edge.artifacts.parity import (
     parity_inputs,
     parity_thresholds,
 )
+from lrformer_edge.artifacts.precision_config import (
+    METADATA_KEY,
+    PrecisionConfig,
+    checked_precision_config,
+)
 from lrformer_edge.artifacts.result import ArtifactCheckError, ExportResult
+from lrformer_edge.backends.layer_names import float_layer_nodes, onnx_layer_nodes
 from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import (
     MAX_OPSET,
@@ -49,6 +55,7 @@ from lrformer_edge.files import atomic_write, check_output_file
 from lrformer_edge.registry import input_size_of
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
+PRECISION_SCHEMES = ("int8",)  # of a precision config: Q/DQ INT8 with float overrides
 FP16_FLOAT_OPS = ("LayerNormalization", "Softmax", "Resize")
 
 
@@ -127,10 +134,13 @@ def topologically_sorted(graph):
 
 def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: str = "int8",
                          calibration=None, parity: ParityThresholds | None = None,
-                         statistics_cache: str | Path | bool = True) -> ExportResult:
+                         statistics_cache: str | Path | bool = True,
+                         precision_config: PrecisionConfig | None = None) -> ExportResult:
     """Write the TensorRT-ready ONNX for ``precision`` at ``output`` (checked, then renamed).
     ``statistics_cache`` (int8): where calibration statistics are reused from and kept
-    (``nncf_statistics.open_statistics_cache``; False: none)."""
+    (``nncf_statistics.open_statistics_cache``; False: none). ``precision_config`` (int8): its
+    float layers get no Q/DQ, and the ONNX records the layer-precision list for the engine
+    build (``precisions.py``)."""
     # PyTorch is imported on call: the registry imports this module and must not need it.
     from lrformer_edge.models.deploy import check_input_size, to_deploy
 
@@ -138,7 +148,11 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         raise ValueError(f"precision must be one of {TRT_PRECISIONS}, got {precision!r}")
     if (precision == "int8") != (calibration is not None):
         raise ValueError("int8 needs a calibration set; fp32/fp16 take none")
+    if precision_config is not None and precision != "int8":
+        raise ValueError("a precision config applies to int8 only")
     input_size = check_input_size(input_size_of(model, input_size))
+    precision_config = checked_precision_config(precision_config, model, input_size,
+                                                PRECISION_SCHEMES, "TensorRT INT8 (Q/DQ ONNX)")
     output = _onnx_output(output)
     cache = open_statistics_cache(model, input_size, calibration, statistics_cache) \
         if precision == "int8" else None
@@ -152,8 +166,15 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
         elif precision == "int8":
             from lrformer_edge.backends.tensorrt.qdq import qdq_summary, quantize_qdq
 
-            graph, quantization = quantize_qdq(graph, calibration, cache)
+            # Mapped on the constant-folded graph NNCF quantizes (its MatMul+Add are Gemms).
+            float_nodes = float_layer_nodes(precision_config,
+                                            lambda: onnx_layer_nodes(model, graph))
+            graph, quantization = quantize_qdq(
+                graph, calibration, cache, [name for names in float_nodes.values()
+                                            for name in names])
             quantization["quantization"].update(qdq_summary(graph))
+            if precision_config is not None:
+                quantization.update(_mixed_metadata(precision_config, float_nodes, graph))
     metadata = artifact_metadata(
         model, input_size, format="onnx", target="tensorrt", precision=precision,
         opset=_opset(graph), batch_size=1, fp32_onnx_parity=fp32.parity.as_dict(), **quantization)
@@ -161,6 +182,22 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
     return write_checked_onnx(graph, output, metadata, to_deploy(model, input_size), feed,
                               parity or parity_thresholds(precision),
                               f"{precision} TensorRT ONNX", start)
+
+
+def _mixed_metadata(config: PrecisionConfig, float_nodes: dict[str, list[str]], graph) -> dict:
+    from lrformer_edge.backends.tensorrt.precisions import LAYER_PRECISIONS_KEY, layer_precisions
+
+    return {METADATA_KEY: config.metadata(), "float_layer_nodes": float_nodes,
+            LAYER_PRECISIONS_KEY: layer_precisions(
+                graph, [name for names in float_nodes.values() for name in names])}
+
+
+def export_mixed_qdq_onnx(model, work_dir: str | Path, input_size,
+                          precision_config: PrecisionConfig, calibration) -> ExportResult:
+    """``Backend.export_mixed``: the Q/DQ ONNX of ``precision_config`` in ``work_dir``
+    (``tensorrt-int8.onnx``; the engine is built on the target from it)."""
+    return export_tensorrt_onnx(model, Path(work_dir) / "tensorrt-int8.onnx", input_size, "int8",
+                                calibration, precision_config=precision_config)
 
 
 def export_qat_qdq_onnx(quantized, payload: dict, output: str | Path,

@@ -12,6 +12,8 @@ activations after ReLU) is rewritten by ``to_signed_int8``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
@@ -52,16 +54,20 @@ def quantizer_rules(nncf) -> dict:
             nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False)}
 
 
-def quantize_qdq(onnx_model, calibration, statistics_cache=None):
+def quantize_qdq(onnx_model, calibration, statistics_cache=None,
+                 float_nodes: Sequence[str] = ()):
     """(Q/DQ onnx.ModelProto in TensorRT form, settings for the artifact metadata).
-    ``statistics_cache``: a ``nncf_statistics.StatisticsCache`` (see ``quantize_openvino``)."""
+    ``statistics_cache``: a ``nncf_statistics.StatisticsCache`` (see ``quantize_openvino``).
+    ``float_nodes``: names of nodes of ``onnx_model`` that get no Q/DQ on their inputs or
+    weights (a precision config's float layers); not part of the settings, so the statistics of
+    a plain export cover an export with a config."""
     settings = quantization_settings(calibration)
     with heartbeat("NNCF INT8 quantization (TensorRT Q/DQ)"), \
             cached_nncf_statistics(statistics_cache, settings["quantization"]):
-        return to_signed_int8(_quantize(onnx_model, calibration)), settings
+        return to_signed_int8(_quantize(onnx_model, calibration, float_nodes)), settings
 
 
-def _quantize(onnx_model, calibration):
+def _quantize(onnx_model, calibration, float_nodes=()):
     nncf = _nncf()
     feeds = [{onnx_model.graph.input[0].name: batch} for batch in calibration.batches]
     advanced = nncf.AdvancedQuantizationParameters(
@@ -70,10 +76,17 @@ def _quantize(onnx_model, calibration):
     quantized = nncf.quantize(
         onnx_model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
         preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(feeds),
-        ignored_scope=nncf.IgnoredScope(names=pooling_matmuls(onnx_model),
-                                        types=list(FLOAT_TYPES), validate=False),
+        ignored_scope=ignored_scope(nncf, onnx_model, float_nodes),
         advanced_parameters=advanced)
     return quantized
+
+
+def ignored_scope(nncf, onnx_model, float_nodes: Sequence[str] = ()):
+    """Float types, pooling MatMuls and ``float_nodes``. Validated when ``float_nodes`` are given
+    (the pooling names come from this graph and every LRFormer has the float types, so only a
+    wrong float node can fail it)."""
+    return nncf.IgnoredScope(names=pooling_matmuls(onnx_model) + list(float_nodes),
+                             types=list(FLOAT_TYPES), validate=bool(float_nodes))
 
 
 def pooling_matmuls(onnx_model) -> list[str]:
