@@ -37,6 +37,7 @@ from lrformer_edge.quant.sensitivity import (
     DEFAULT_IMAGES,
     DEFAULT_SCHEMES,
     DEFAULT_TOP,
+    check_compute_budget,
     run_sensitivity,
 )
 from lrformer_edge.quant.sensitivity_report import to_markdown, write_sensitivity
@@ -66,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         bounds.add_argument(f"--{criterion.name}", type=float, metavar=criterion.metavar,
                             help=f"select layers to raise: {criterion.help} (schemes: "
                                  f"{', '.join(criterion.schemes)})")
+    parser.add_argument("--max-float-gmacs", type=float, metavar="G",
+                        help="int8 selection: keep at most G GMACs per image in float (a latency "
+                             "budget: float layers run slower than int8 ones); ranked layers "
+                             "that would exceed it are skipped")
     parser.add_argument("--output", required=True, type=Path, help="folder for the reports and "
                                                                    "precision configs")
     args = parser.parse_args(argv)
@@ -77,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.bound = bound_from_args(args)
         check_bound(args.bound, args.scheme)
+        check_compute_budget(args.max_float_gmacs, args.bound, args.scheme)
     except ValueError as error:
         parser.error(str(error))
     check_output_argument(args.output, "--output", "folder")
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
         input_size = check_export_size(model, args.input_size)
         run = run_sensitivity(model, input_size, args.scheme, args.images, args.calib_images,
                               args.top, args.data, calibration_source(args, args.data),
-                              args.seed, args.bound)
+                              args.seed, args.bound, args.max_float_gmacs)
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return INPUT_ERROR_EXIT

@@ -1,6 +1,7 @@
 """The speed/accuracy front: top-k precision configs exported by each backend and measured
-through the validation harness (tiny variant, 64x64, OpenVINO and the TensorRT Q/DQ ONNX run by
-ONNX Runtime)."""
+through the validation harness (tiny variant, 64x64; the TensorRT Q/DQ ONNX, which ONNX Runtime
+runs here: the front measures an artifact with whichever backend runs it. OpenVINO's mixed
+export is tested in test_openvino.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from lrformer_edge.models.layers import quantizable_layers
 from lrformer_edge.quant.selection import Rankings
 from lrformer_edge.validation.front import front_backends
 
-pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 SIZE = (64, 64)
@@ -48,22 +48,22 @@ def test_front_cli_exports_and_measures_each_point(model, tmp_path, capsys):
     report.write_text(json.dumps({"rankings": _rankings(model).to_dict()}))
     out = tmp_path / "front"
     code = main(["--variant", "lrformer-test", "--sensitivity", str(report), "--backend",
-                 "openvino", "tensorrt", "--k", "1", "--images", "2",
+                 "tensorrt", "--k", "1", "--images", "2",
                  "--calib-images", "2", "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     document = json.loads((out / "front.json").read_text())
     points = document["points"]
-    assert [(p["backend"], p["k"]) for p in points] == [("openvino", 1), ("tensorrt", 1)]
+    assert [(p["backend"], p["k"]) for p in points] == [("tensorrt", 1)]
     for point in points:
         assert point["status"] == "ok", point
         assert 0.0 < point["agreement"] <= 1.0 and point["median_ms"] > 0
         assert point["size_mib"] > 0
         recorded = load_runner(point["artifact"]).metadata["precision_config"]
-        assert recorded["float_layers"] == [_rankings(model).orders["int8"][0]]
-    assert [p["measured_by"] for p in points] == ["openvino", "onnxruntime"]
+        assert recorded["float_layers"] == list(_rankings(model).orders["int8"][:point["k"]])
+        assert point["measured_by"] == "onnxruntime"
     page = (out / "front.html").read_text()
-    assert page.count("<svg") == 4  # agreement and mIoU against latency, per backend
-    assert "openvino (int8)" in page and "tensorrt (int8)" in page
+    assert page.count("<svg") == 2  # agreement and mIoU against latency
+    assert "tensorrt (int8)" in page
 
 
 def test_front_cli_refuses_a_ranking_of_another_size(model, tmp_path, capsys):

@@ -37,7 +37,7 @@ def _tiny():
 
 
 CASES = {"tiny": (_tiny, (64, 64)),
-         "bundled": (lambda: lrformer_edge.create_model(BUNDLED_MODEL), (256, 256))}
+         "bundled": (lambda: lrformer_edge.create_model(BUNDLED_MODEL), (128, 128))}
 
 
 @pytest.fixture(scope="module", params=[

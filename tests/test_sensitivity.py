@@ -17,7 +17,7 @@ from lrformer_edge.artifacts.precision_config import FLOAT, PrecisionConfig
 from lrformer_edge.data.calibration import build_calibration_set
 from lrformer_edge.evaluation import procedural_validation_set
 from lrformer_edge.models.deploy import ResidualDepthwiseConv2d, to_deploy
-from lrformer_edge.models.layers import quantizable_layers
+from lrformer_edge.models.layers import layer_macs, quantizable_layers
 from lrformer_edge.quant.deploy_steps import StepState, deploy_steps, first_step_of, run_steps
 from lrformer_edge.quant.fake_quant import (
     KEPT_UNDER_WEIGHT_ONLY,
@@ -41,6 +41,7 @@ from lrformer_edge.quant.selection import (
     SizeModel,
     raised_assignment,
     top_k_config,
+    within_compute_budget,
 )
 from lrformer_edge.quant.sensitivity import measure_scheme, run_sensitivity, select
 from lrformer_edge.quant.sensitivity_report import (
@@ -319,6 +320,36 @@ def test_the_agreement_selection_meets_its_bound_and_one_layer_less_does_not(mea
     assert same / (IMAGES * SIZE[0] * SIZE[1]) == pytest.approx(selection.score.agreement)
 
 
+def test_a_float_compute_budget_skips_the_ranked_layers_that_exceed_it(measured):
+    everything = measured.result.everything
+    bound = Bound("min-agreement", 100 * (everything.agreement + (1 - everything.agreement) / 2))
+    size_model = SizeModel.of(measured.deployed, measured.layers, "int8")
+    baseline = measured.evaluator.baseline(measured.baseline.assignment, "int8")
+    macs = layer_macs(measured.deployed, SIZE)
+    free = select(measured.evaluator, measured.result, baseline, bound, size_model, macs)
+    budget = sum(macs[name] for name in free.raised) / 2e9
+    limited = select(measured.evaluator, measured.result, baseline, bound, size_model, macs,
+                     budget)
+    allowed = within_compute_budget(measured.result.ranking, macs, budget)
+    assert limited.raised == allowed[:limited.k]
+    assert limited.float_gmacs <= budget < free.float_gmacs
+    assert limited.as_dict()["float_gmacs_budget"] == budget
+
+
+def test_layer_macs_count_every_call_of_a_shared_layer(tiny_model):
+    deployed = to_deploy(tiny_model, SIZE)
+    macs = layer_macs(deployed, SIZE)
+    assert set(macs) == {layer.name for layer in quantizable_layers(deployed)}
+    classifier = deployed.decode_head.conv_seg
+    height, width = SIZE[0] // 8, SIZE[1] // 8  # the head works at 1/8 scale
+    assert macs["decode_head.conv_seg"] == (classifier.out_channels * height * width
+                                            * classifier.in_channels)
+    blocks = len(deployed.backbone.block1)
+    shared = deployed.backbone.d_convs1[0]
+    calls = macs["backbone.d_convs1.0"] / (shared.weight[0].numel())
+    assert calls % blocks == 0 and calls > 0  # the same pooled map size in every block
+
+
 def test_bounds_are_checked():
     with pytest.raises(ValueError, match="percentage"):
         Bound("min-agreement", 101)
@@ -535,6 +566,8 @@ def test_the_sensitivity_page_renders_in_a_real_browser(cli_run, tmp_path):
     (["--max-drop", "1", "--min-agreement", "99"], "not allowed with argument"),
     (["--scheme", "palette4", "--max-size-mib", "0.001"], "below the smallest palette4 model"),
     (["--data", "no-such-dataset"], "no-such-dataset does not exist"),
+    (["--max-float-gmacs", "1"], "--max-float-gmacs limits the int8 selection"),
+    (["--min-agreement", "99", "--max-float-gmacs", "-1"], "--max-float-gmacs must be 0 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, capsys, arguments,
                                                                message):

@@ -63,3 +63,30 @@ def check_layer_names(model, names: Iterable[str], what: str = "precision config
     raise ValueError(f"the {what} names {len(unknown)} layer(s) that {model.config.name} does not "
                      f"have: {', '.join(hints)}{' ...' if len(unknown) > 3 else ''}; expected "
                      f"names of its {len(known)} convolution and linear layers, e.g. {known[0]!r}")
+
+
+def layer_macs(model, input_size) -> dict[str, int]:
+    """Multiply-accumulates per image of every layer of ``model`` (a deploy form: its shapes
+    are static) at ``input_size``; a layer called several times (the shared ``d_convsN.i``)
+    counts every call. A proxy for what keeping a layer in float costs in latency."""
+    import torch
+    from torch import nn
+
+    macs: dict[str, int] = {}
+
+    def counter(name):
+        def count(module, inputs, output):
+            per_output = (module.weight[0].numel() if isinstance(module, nn.Conv2d)
+                          else module.in_features)
+            macs[name] = macs.get(name, 0) + output[0].numel() * per_output
+        return count
+
+    handles = [module.register_forward_hook(counter(name))
+               for name, module in model.named_modules() if layer_kind(module) is not None]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs

@@ -167,6 +167,8 @@ class Selection:
     score: CaseScore  # measured on the held-out images, every other layer quantized
     size_mib: float
     trace: list[dict] = field(default_factory=list)  # every k measured on the way
+    float_gmacs: float | None = None  # multiply-accumulates per image of the raised layers
+    float_gmacs_budget: float | None = None  # --max-float-gmacs, when given
 
     @property
     def k(self) -> int:
@@ -176,7 +178,21 @@ class Selection:
         return {"scheme": self.scheme, "criterion": self.bound.criterion,
                 "bound": self.bound.value, "k": self.k, "raised_to": self.precision,
                 "raised": list(self.raised), "met": self.met, "score": self.score.as_dict(),
-                "size_mib": self.size_mib, "trace": self.trace}
+                "size_mib": self.size_mib, "trace": self.trace,
+                "float_gmacs": self.float_gmacs, "float_gmacs_budget": self.float_gmacs_budget}
+
+
+def within_compute_budget(ranking: list[str], macs: Mapping[str, int],
+                          budget_gmacs: float) -> list[str]:
+    """The ranking with the layers left out that would take the multiply-accumulates kept in
+    float (per image) over ``budget_gmacs``: walking down the ranking, a layer is kept while the
+    running total fits (a latency budget: float layers run slower than int8 ones)."""
+    kept, used = [], 0
+    for name in ranking:
+        if used + macs[name] <= budget_gmacs * 1e9:
+            kept.append(name)
+            used += macs[name]
+    return kept
 
 
 # score(assignment) -> CaseScore: the measurement of a whole assignment
@@ -315,6 +331,8 @@ def selection_config(rankings: Rankings, selection: Selection, images: int,
               "predicted_miou": selection.score.miou,
               "predicted_miou_delta_points": selection.score.miou_delta_points,
               "predicted_size_mib": selection.size_mib, "size_model": SIZE_MODEL,
+              "float_gmacs": selection.float_gmacs,
+              "max_float_gmacs": selection.float_gmacs_budget,
               "images": images, "report": report}
     return PrecisionConfig(scheme, overrides, rankings.variant, rankings.checkpoint_sha256,
                            rankings.input_size, record)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lrformer_edge.artifacts.metadata import checkpoint_record
-from lrformer_edge.artifacts.precision_config import SCHEMES
+from lrformer_edge.artifacts.precision_config import FLOAT, SCHEMES
 from lrformer_edge.cpu import host_cpu
 from lrformer_edge.data.calibration import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -36,7 +36,7 @@ from lrformer_edge.data.calibration import (
 from lrformer_edge.data.datasets import open_dataset
 from lrformer_edge.evaluation import procedural_validation_set
 from lrformer_edge.models.deploy import to_deploy
-from lrformer_edge.models.layers import Layer, quantizable_layers
+from lrformer_edge.models.layers import Layer, layer_macs, quantizable_layers
 from lrformer_edge.progress import heartbeat, track
 from lrformer_edge.quant.fake_quant import (
     RAISED_PRECISION,
@@ -55,6 +55,7 @@ from lrformer_edge.quant.selection import (
     check_bound,
     select_smallest,
     select_within_size,
+    within_compute_budget,
 )
 from lrformer_edge.quant.staged_evaluation import (
     Baseline,
@@ -156,14 +157,27 @@ def held_out_samples(data: str | None, images: int, size) -> tuple[list, str]:
     return samples, f"{data} (val split, first {count}; labels resized to the input size)"
 
 
+def check_compute_budget(max_float_gmacs: float | None, bound: Bound | None, schemes) -> None:
+    """Refuse a float-compute budget that no selection would use, or a negative one."""
+    if max_float_gmacs is None:
+        return
+    if not max_float_gmacs >= 0:
+        raise ValueError(f"--max-float-gmacs must be 0 or more, got {max_float_gmacs}")
+    if bound is None or not bound.applies_to("int8") or "int8" not in schemes:
+        raise ValueError("--max-float-gmacs limits the int8 selection: give it with --max-drop "
+                         "or --min-agreement and the int8 scheme")
+
+
 def run_sensitivity(model, input_size, schemes=DEFAULT_SCHEMES, images: int = DEFAULT_IMAGES,
                     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
                     top: int = DEFAULT_TOP,
                     data: str | None = None, calibration_source: str = PROCEDURAL,
                     calibration_seed: int = 0, bound: Bound | None = None,
-                    log=print) -> SensitivityRun:
+                    max_float_gmacs: float | None = None, log=print) -> SensitivityRun:
     """Measure every scheme on ``model`` (reference form) at ``input_size`` and, with a
-    ``bound``, select the layers to raise for each scheme it applies to."""
+    ``bound``, select the layers to raise for each scheme it applies to (``max_float_gmacs``:
+    the compute the int8 selection may keep in float, see ``select``)."""
+    check_compute_budget(max_float_gmacs, bound, schemes)
     began = time.perf_counter()
     schemes = check_schemes(schemes)
     check_counts(images, calibration_images, top)
@@ -171,6 +185,7 @@ def run_sensitivity(model, input_size, schemes=DEFAULT_SCHEMES, images: int = DE
     deployed = to_deploy(model, input_size)
     layers = quantizable_layers(deployed)
     size_models = {scheme: SizeModel.of(deployed, layers, scheme) for scheme in schemes}
+    macs = layer_macs(deployed, input_size)
     check_bound(bound, schemes, size_models)
     timing = {}
 
@@ -194,7 +209,8 @@ def run_sensitivity(model, input_size, schemes=DEFAULT_SCHEMES, images: int = DE
 
     results: dict[str, SchemeResult] = {}
     cases = sum(case_count(layers, scheme, top) for scheme in schemes)
-    sweep = _sweep(evaluator, layers, schemes, top, bound, size_models, results, log)
+    sweep = _sweep(evaluator, layers, schemes, top, bound, size_models, results, log,
+                   macs, max_float_gmacs)
     for _ in track(sweep, cases, "cases", f"sensitivity of {', '.join(schemes)}"):
         pass
 
@@ -210,13 +226,16 @@ def run_sensitivity(model, input_size, schemes=DEFAULT_SCHEMES, images: int = DE
         fp32_miou=evaluator.fp32.score.miou, schemes=results,
         settings={"schemes": list(schemes), "images": images,
                   "calibration_images": calibration_images, "top": top, "data": data,
+                  "max_float_gmacs": max_float_gmacs, "layer_gmacs": {
+                      name: count / 1e9 for name, count in macs.items()},
                   "bound": None if bound is None else {"criterion": bound.criterion,
                                                        "value": bound.value}},
         step_seconds=evaluator.step_seconds, timing=timing, steps_run=evaluator.steps_run,
         size_models=size_models)
 
 
-def _sweep(evaluator, layers, schemes, top, bound, size_models, results, log) -> Iterator[str]:
+def _sweep(evaluator, layers, schemes, top, bound, size_models, results, log, macs=None,
+           max_float_gmacs=None) -> Iterator[str]:
     """Every scheme's cases and selection, yielding once per case (for the progress line) and
     filling ``results``."""
     for scheme in schemes:
@@ -225,7 +244,7 @@ def _sweep(evaluator, layers, schemes, top, bound, size_models, results, log) ->
         if bound is not None and bound.applies_to(scheme):
             with heartbeat(f"{scheme}: selecting for {bound.describe()}"):
                 result.selection = select(evaluator, result, everything, bound,
-                                          size_models[scheme])
+                                          size_models[scheme], macs, max_float_gmacs)
         del everything  # its cached states: hundreds of MB at 512x512
         result.seconds = time.perf_counter() - clock
         results[scheme] = result
@@ -298,8 +317,19 @@ def rank(layers: dict[str, LayerResult], everything: CaseScore) -> list[str]:
 
 
 def select(evaluator: StagedEvaluator, result: SchemeResult, baseline: Baseline, bound: Bound,
-           size_model: SizeModel) -> Selection:
-    """The selection of ``bound`` for ``result``'s scheme, measured from ``baseline`` (b)."""
+           size_model: SizeModel, macs: dict[str, int] | None = None,
+           max_float_gmacs: float | None = None) -> Selection:
+    """The selection of ``bound`` for ``result``'s scheme, measured from ``baseline`` (b).
+    ``max_float_gmacs`` (int8, where raised layers run in float): only ranked layers that fit
+    that many multiply-accumulates per image (``macs``: per layer) are raised."""
+    selection = _select(evaluator, result, baseline, bound, size_model, macs, max_float_gmacs)
+    if macs is not None and RAISED_PRECISION[result.scheme] == FLOAT:
+        selection.float_gmacs = sum(macs[name] for name in selection.raised) / 1e9
+        selection.float_gmacs_budget = max_float_gmacs
+    return selection
+
+
+def _select(evaluator, result, baseline, bound, size_model, macs, max_float_gmacs) -> Selection:
     base = baseline.assignment
 
     def scorer(assignment):
@@ -308,7 +338,10 @@ def select(evaluator: StagedEvaluator, result: SchemeResult, baseline: Baseline,
     if bound.criterion == "max-size-mib":
         sensitivity = {name: r.sensitivity(result.everything) for name, r in result.layers.items()}
         return select_within_size(scorer, result.scheme, base, sensitivity, bound, size_model)
-    return select_smallest(scorer, result.scheme, base, result.ranking, result.everything,
+    ranking = result.ranking
+    if max_float_gmacs is not None and RAISED_PRECISION[result.scheme] == FLOAT:
+        ranking = within_compute_budget(ranking, macs, max_float_gmacs)
+    return select_smallest(scorer, result.scheme, base, ranking, result.everything,
                            bound, size_model)
 
 

@@ -140,7 +140,12 @@ def describe_selection(result: SchemeResult) -> str | None:
     return (f"selection {selection.bound.describe()}: {selection.k} layer(s) raised to "
             f"{selection.precision}, measured agreement {100 * selection.score.agreement:.3f}%, "
             f"mIoU {selection.score.miou_delta_points:+.2f} points, modelled size "
-            f"{selection.size_mib:.2f} MiB (see the size model); bound {verdict}")
+            f"{selection.size_mib:.2f} MiB (see the size model)"
+            + (f", {selection.float_gmacs:.2f} GMACs in float"
+               + (f" (budget {selection.float_gmacs_budget:g})"
+                  if selection.float_gmacs_budget is not None else "")
+               if selection.float_gmacs is not None else "")
+            + f"; bound {verdict}")
 
 
 def title(run: SensitivityRun) -> str:
