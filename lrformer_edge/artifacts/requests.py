@@ -34,3 +34,15 @@ def check_calibration_request(backend: str, precisions: tuple[str, ...], precisi
         size = "x".join(map(str, calibration.batches[0].shape[2:]))
         raise ValueError(f"the calibration set is {size}, the export is at "
                          f"{input_size[0]}x{input_size[1]}: build it at the export's size")
+
+
+def check_int8_precision_config(backend: str, precision: str, config, model, input_size,
+                                schemes: tuple[str, ...]):
+    """A precision config applies to ``backend``'s INT8 export only (its float precisions
+    quantize nothing to keep in float), and must fit the model (``checked_precision_config``)."""
+    from lrformer_edge.artifacts.precision_config import checked_precision_config
+
+    if config is not None and precision != "int8":
+        raise ValueError(f"a precision config applies to {backend} INT8 only; this export is "
+                         f"{precision}")
+    return checked_precision_config(config, model, input_size, schemes, f"{backend} INT8")

@@ -23,9 +23,12 @@ from lrformer_edge.artifacts.parity import (
 from lrformer_edge.artifacts.precision_config import (
     METADATA_KEY,
     PrecisionConfig,
-    checked_precision_config,
 )
-from lrformer_edge.artifacts.requests import check_calibration_request, check_output_suffix
+from lrformer_edge.artifacts.requests import (
+    check_calibration_request,
+    check_int8_precision_config,
+    check_output_suffix,
+)
 from lrformer_edge.artifacts.result import ExportResult
 from lrformer_edge.backends.litert.format import (
     PRECISION_SCHEMES,
@@ -72,7 +75,8 @@ def export_litert(model, output: str | Path, input_size=None, precision: str = "
     output = check_output_path(output)
     input_size = check_input_size(input_size_of(model, input_size))
     check_calibration(precision, calibration, input_size)
-    precision_config = check_precision_config(precision, precision_config, model, input_size)
+    precision_config = check_int8_precision_config(
+        "LiteRT", precision, precision_config, model, input_size, PRECISION_SCHEMES)
     start = time.time()
     deployed = to_deploy(model, input_size).eval()
     converted = convert(deployed, input_size, precision,
@@ -105,16 +109,6 @@ def export_mixed_litert(model, work_dir: str | Path, input_size,
     ``work_dir/model.tflite``."""
     return export_litert(model, Path(work_dir) / "model.tflite", input_size, "int8",
                          calibration=calibration, precision_config=precision_config)
-
-
-def check_precision_config(precision: str, config: PrecisionConfig | None, model,
-                           input_size) -> PrecisionConfig | None:
-    """A precision config applies to INT8 only (FP32 and FP16 quantize no activations), and must
-    fit the model (``checked_precision_config``)."""
-    if config is not None and precision != "int8":
-        raise ValueError(f"a precision config applies to LiteRT INT8 only; this export is "
-                         f"{precision}")
-    return checked_precision_config(config, model, input_size, PRECISION_SCHEMES, "LiteRT INT8")
 
 
 def model_description(precision: str) -> dict:
