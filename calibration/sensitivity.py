@@ -13,7 +13,9 @@ SQNR, pixel agreement, mIoU change). int8 activation ranges come from --calib-im
 a bar plot per scheme) and, with a bound (--max-drop, --min-agreement or --max-size-mib), the
 smallest measured selection meeting it as OUTPUT/precision-config-<scheme>.json for each scheme
 it applies to: every exporter takes it with --precision-config.
-Exit code 0: done; 1: a bound could not be met (the reports are written, that config is not);
+Exit code 0: done; 1: a bound could not be met (the reports are written, that config is not,
+except under --max-float-gmacs: then the config of every ranked layer within the budget is
+written, marked bound_met false, since a backend's own recipe may do better than the simulation);
 2: bad input (nothing written).
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lrformer_edge.quant.sensitivity import (
     check_compute_budget,
     run_sensitivity,
 )
-from lrformer_edge.quant.sensitivity_report import to_markdown, write_sensitivity
+from lrformer_edge.quant.sensitivity_report import config_path, to_markdown, write_sensitivity
 from lrformer_edge.resources import check_export_size
 
 INPUT_ERROR_EXIT, BOUND_NOT_MET_EXIT = 2, 1
@@ -114,9 +116,17 @@ def main(argv=None) -> int:
     print("wrote " + ", ".join(str(path) for path in written.values()))
     print(f"total time {time.perf_counter() - began:.0f} s")
     for scheme in unmet:
-        print(f"error: {args.bound.describe()} was not met for {scheme} even with every ranked "
-              f"layer raised; no precision config was written for it (see the report)",
-              file=sys.stderr)
+        path = config_path(args.output, scheme)
+        if path.name in written:
+            print(f"error: {args.bound.describe()} was not met for {scheme} within "
+                  f"--max-float-gmacs {args.max_float_gmacs:g} in the simulation; {path} keeps "
+                  f"every ranked layer the budget allows in float (bound_met: false): a "
+                  f"backend's own recipe may still meet it (e.g. to_openvino.py --smooth-quant "
+                  f"0.5), so export it with --validate", file=sys.stderr)
+        else:
+            print(f"error: {args.bound.describe()} was not met for {scheme} even with every "
+                  f"ranked layer raised; no precision config was written for it (see the "
+                  f"report)", file=sys.stderr)
     return BOUND_NOT_MET_EXIT if unmet else 0
 
 

@@ -9,7 +9,8 @@ calibration set's source, size, seed and SHA-256), is compared with the PyTorch 
 OpenVINO runner set explicitly to f32 inference precision (OpenVINO defaults to bf16 on AMX CPUs),
 and must compile under the f32, bf16 and f16 hints before the folder is written (those the CPU
 runs natively: on a CPU without bf16/f16 those hints run the f32 program, and the summary says so).
-INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric, SmoothQuant off) on
+INT8: NNCF post-training quantization (model_type TRANSFORMER, symmetric; SmoothQuant off unless
+--smooth-quant ALPHA turns it on for the convolutions: model-dependent, measure it) on
 --calib-images real images (32 by default) of --calib-data; --max-drop enables accuracy control
 against the FP32 model's own predictions (mIoU points). --cpu-isa names the x86 CPUs the INT8 IR
 must be correct on (default portable: every x86 CPU; vnni/amx: full 8-bit weights that saturate
@@ -32,6 +33,7 @@ from lrformer_edge.backends.openvino.export import (
     target_cpu_line,
 )
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
+from lrformer_edge.backends.openvino.ptq import check_smooth_quant
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_int8_target_argument,
@@ -58,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-drop", type=float,
                         help="int8: accuracy control, largest mIoU drop (points) vs FP32")
     add_int8_target_argument(parser)
+    parser.add_argument("--smooth-quant", type=float, metavar="ALPHA",
+                        help="int8: SmoothQuant on convolutions with this alpha in (0, 1] "
+                             "(default off; model-dependent: 0.5 helps the bundled LRFormer-T, "
+                             "check yours with --validate)")
     add_precision_config_argument(parser, "--precision int8")
     add_validate_argument(parser)
     parser.add_argument("--output", required=True, help="output folder (replaced when complete)")
@@ -69,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--cpu-isa applies to --precision int8 only")
     if not int8 and args.precision_config:
         parser.error("--precision-config applies to --precision int8 only")
+    if not int8 and args.smooth_quant is not None:
+        parser.error("--smooth-quant applies to --precision int8 only")
+    try:
+        check_smooth_quant(args.smooth_quant)
+    except ValueError as error:
+        parser.error(f"--smooth-quant: {error}")
     check_calibration_arguments(parser, args, calibrates=int8, what="--precision int8")
     check_validate_argument(parser, args)
     check_output_argument(args.output, "--output", "artifact-folder")
@@ -85,7 +97,7 @@ def main(argv=None) -> int:
             model, args.output, size, args.precision, calibration=calibration,
             max_drop=args.max_drop, target_isa=args.cpu_isa,
             statistics_cache=statistics_cache_from_args(args),
-            precision_config=precision_config),
+            precision_config=precision_config, smooth_quant=args.smooth_quant),
         what=f"an {args.precision} OpenVINO IR", calibrates=args.precision == "int8",
         describe=lambda metadata: [
             target_cpu_line(metadata),

@@ -62,14 +62,16 @@ def test_deploy_form_equals_reference_tiny(randomised_tiny, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lrformer-t", "lrformer-t.procedural"])
 def test_deploy_form_equals_reference_full_size(variant):
-    """Every size with the reference weights; the bundled weights (the same architecture) at
-    the two smallest, where the time goes into the largest."""
+    """The reference weights at every size but 1024x2048 (half this test's time; its pooling
+    matrices are checked by the tiny variant at that size, in ``..._tiny``); the bundled
+    weights (the same architecture) at the two smallest."""
     model = lrformer_edge.create_model(variant)
-    sizes = SIZES
+    by_area = sorted(SIZES, key=lambda size: size[0] * size[1])
     if variant == "lrformer-t":
         model.load_state_dict(reference_state_dict(manifest_of(model)))
+        sizes = by_area[:-1]
     else:
-        sizes = sorted(SIZES, key=lambda size: size[0] * size[1])[:2]
+        sizes = by_area[:2]
     for size in sizes:
         max_abs, agreement = _compare(model, size)
         assert max_abs < 1e-4 and agreement == 1.0, (size, max_abs, agreement)

@@ -500,6 +500,30 @@ def test_fronts_are_plotted_per_backend(tmp_path):
     assert unmet == ([] if selection.met else ["weights-int4"])
 
 
+def test_an_unmet_bound_under_a_compute_budget_still_writes_the_budget_config(tmp_path):
+    """Every ranked layer that fits the budget is raised; the config says the bound was not met
+    in the simulation, so a backend's recipe can still be validated against it."""
+    import lrformer_edge
+    from lrformer_edge.models.layers import layer_macs
+
+    model = lrformer_edge.create_model("lrformer-test")
+    budget = 0.002  # GMACs per image: a few of the tiny model's layers
+    run = run_sensitivity(model, SIZE, ("int8",), images=1, calibration_images=CALIBRATION_IMAGES,
+                          top=TOP, bound=Bound("min-agreement", 100), max_float_gmacs=budget,
+                          log=lambda *_: None)
+    selection = run.schemes["int8"].selection
+    assert not selection.met and selection.raised
+    macs = layer_macs(to_deploy(model, SIZE), SIZE)
+    assert sum(macs[name] for name in selection.raised) <= budget * 1e9
+    ranking = run.schemes["int8"].ranking
+    assert selection.raised == within_compute_budget(ranking, macs, budget) != ranking
+    written, unmet = write_sensitivity(run, tmp_path / "r")
+    assert unmet == ["int8"]
+    config = PrecisionConfig.load(config_path(tmp_path / "r", "int8"))
+    assert set(config.float_layers) == set(selection.raised)
+    assert config.selection["bound_met"] is False and config.selection["max_float_gmacs"] == budget
+
+
 def _cheap_run(bound=None):
     import lrformer_edge
 

@@ -4,6 +4,9 @@ differs, when it was made for another export."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from lrformer_edge.backends.nncf_statistics import (
 from lrformer_edge.data.calibration import build_calibration_set
 
 SIZE = (64, 64)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,45 @@ def test_a_second_int8_export_reuses_the_statistics_and_gives_the_same_model(
     assert ranges[0] and len(ranges[0]) == len(ranges[1])
     for index, (mine, theirs) in enumerate(zip(*ranges)):
         np.testing.assert_array_equal(mine, theirs, err_msg=f"FakeQuantize #{index}")
+
+
+def test_smooth_quant_exports_record_it_and_leave_the_cache_alone(tmp_path, tiny_model,
+                                                                  calibration, capsys):
+    """SmoothQuant's per-channel maxima cannot be stored and the ranges after it depend on
+    which layers it scaled, so such an export neither reads nor writes the cache."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    pytest.importorskip("nncf", reason="needs the openvino extra")
+    from lrformer_edge.backends.openvino.export import export_openvino
+
+    cache = tmp_path / "stats.npz"
+    plain = export_openvino(tiny_model, tmp_path / "plain", SIZE, "int8", calibration=calibration,
+                            statistics_cache=cache)
+    before = cache.stat()
+    capsys.readouterr()
+    smoothed = export_openvino(tiny_model, tmp_path / "smoothed", SIZE, "int8",
+                               calibration=calibration, statistics_cache=cache, smooth_quant=0.5)
+    assert "calibration statistics" not in capsys.readouterr().out
+    after = cache.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert smoothed.metadata["quantization"]["smooth_quant"] == {"convolution": 0.5}
+    assert plain.metadata["quantization"]["smooth_quant"] is False
+    assert "nncf_smooth_quant" in smoothed.path.read_text()
+    assert "nncf_smooth_quant" not in plain.path.read_text()
+
+
+def test_smooth_quant_alpha_outside_its_range_is_refused(tmp_path):
+    from lrformer_edge.backends.openvino.ptq import check_smooth_quant
+
+    for alpha in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            check_smooth_quant(alpha)
+    check_smooth_quant(None)
+    check_smooth_quant(0.5)
+    done = subprocess.run([sys.executable, str(REPO / "export_scripts/to_openvino.py"),
+                           "--precision", "fp32", "--smooth-quant", "0.5", "--output",
+                           str(tmp_path / "x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "--smooth-quant applies to --precision int8" in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def _fake_quantize_ranges(ov_model) -> list[np.ndarray]:

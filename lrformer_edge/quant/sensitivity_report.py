@@ -380,7 +380,11 @@ def config_path(folder: str | Path, scheme: str) -> Path:
 def write_sensitivity(run: SensitivityRun, folder: str | Path,
                       fronts: Sequence[Mapping] | None = None) -> tuple[dict[str, Path], list[str]]:
     """The reports, and the precision config of every selection that met its bound, into
-    ``folder``: ({file name: path}, schemes whose selection did not meet the bound)."""
+    ``folder``: ({file name: path}, schemes whose selection did not meet the bound). Under a
+    float-compute budget an unmet selection's config is written too: it is every ranked layer
+    the budget allows, the most accuracy that latency buys, and a backend's own recipe can beat
+    the simulation (OpenVINO's SmoothQuant), so it is worth validating; it records
+    ``bound_met: false``."""
     folder = Path(folder)
     written = write_reports(run, folder, fronts)
     unmet = []
@@ -389,7 +393,8 @@ def write_sensitivity(run: SensitivityRun, folder: str | Path,
             continue
         if not result.selection.met:
             unmet.append(scheme)
-            continue
+            if result.selection.float_gmacs_budget is None:
+                continue
         config = selection_config(run.rankings, result.selection, run.held_out["images"],
                                   str(written["sensitivity.json"]))
         path = config.save(config_path(folder, scheme))

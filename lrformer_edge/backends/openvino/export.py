@@ -62,7 +62,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                     calibration=None, max_drop: float | None = None,
                     target_isa: str = DEFAULT_INT8_TARGET,
                     statistics_cache: str | Path | bool = True,
-                    precision_config: PrecisionConfig | None = None) -> ExportResult:
+                    precision_config: PrecisionConfig | None = None,
+                    smooth_quant: float | None = None) -> ExportResult:
     """Write ``output_dir/<variant>.xml/.bin``; returns the parity of the IR vs PyTorch.
 
     ``precision="int8"`` needs ``calibration`` (a ``CalibrationSet`` at this input size);
@@ -76,6 +77,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     (``nncf_statistics.open_statistics_cache``; False: none).
     ``precision_config`` (int8): its float layers stay out of NNCF's quantization (ignored scope
     by friendly name, ``openvino/layer_names.py``); the IR records it and those names.
+    ``smooth_quant`` (int8): SmoothQuant alpha of the convolutions (``openvino/ptq.py``).
     """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
@@ -83,8 +85,9 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     if precision == "int8" and calibration is None:
         raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
     if precision != "int8" and (calibration is not None or max_drop is not None
-                                or precision_config is not None):
-        raise ValueError("calibration data, max_drop and a precision config apply to int8 only")
+                                or precision_config is not None or smooth_quant is not None):
+        raise ValueError("calibration data, max_drop, a precision config and SmoothQuant apply "
+                         "to int8 only")
     target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size_of(model, input_size))
     precision_config = checked_precision_config(precision_config, model, input_size,
@@ -105,7 +108,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                 precision_config, lambda: openvino_layer_nodes(model, ov_model))
             ov_model, quantization = quantize_openvino(
                 ov_model, model, calibration, max_drop, target_isa, cache,
-                [name for names in float_nodes.values() for name in names])
+                [name for names in float_nodes.values() for name in names], smooth_quant)
             if precision_config is not None:
                 quantization = {**quantization, METADATA_KEY: precision_config.metadata(),
                                 "float_layer_nodes": float_nodes}
