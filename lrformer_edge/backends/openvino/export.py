@@ -85,9 +85,10 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     if precision == "int8" and calibration is None:
         raise ValueError("int8 needs a calibration set (build_calibration_set(...))")
     if precision != "int8" and (calibration is not None or max_drop is not None
-                                or precision_config is not None or smooth_quant is not None):
-        raise ValueError("calibration data, max_drop, a precision config and SmoothQuant apply "
-                         "to int8 only")
+                                or precision_config is not None):
+        raise ValueError("calibration data, max_drop and a precision config apply to int8 only")
+    if precision != "int8" and smooth_quant is not None:
+        raise ValueError(f"SmoothQuant applies to int8 only, not to {precision}")
     target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size_of(model, input_size))
     precision_config = checked_precision_config(precision_config, model, input_size,
