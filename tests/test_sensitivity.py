@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from browser import assert_renders_content, needs_chromium, rendered_dom
 
 from lrformer_edge.artifacts.precision_config import FLOAT, PrecisionConfig
 from lrformer_edge.data.calibration import build_calibration_set
@@ -549,35 +547,14 @@ def test_top_k_configs_from_a_report_fit_the_model(cli_run):
         Rankings.load(output / "sensitivity.md")
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.mark.skipif(_chromium() is None,
-                    reason="needs a headless Chromium (Debian: apt install chromium)")
+@needs_chromium
 def test_the_sensitivity_page_renders_in_a_real_browser(cli_run, tmp_path):
     _, output, _, _ = cli_run
     page = output / "sensitivity.html"
-    dom = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-ready="ok"' in dom.stdout and 'data-plots="2"' in dom.stdout
-    assert "id=\"ranking-int8\"" in dom.stdout
-    screenshot = tmp_path / "page.png"
-    shot = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--screenshot={screenshot}", "--window-size=1280,2000", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert shot.returncode == 0 and screenshot.is_file()
-    import cv2
-
-    pixels = cv2.imread(str(screenshot))
-    assert pixels is not None and np.std(pixels) > 10  # rendered content, not a blank page
+    dom = rendered_dom(page)
+    assert 'data-ready="ok"' in dom and 'data-plots="2"' in dom
+    assert "id=\"ranking-int8\"" in dom
+    assert_renders_content(page, tmp_path)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from browser import assert_renders_content, needs_chromium, rendered_dom
 
 from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.models.factory import create_model
@@ -159,40 +158,18 @@ def test_thresholds_file_is_versioned_and_checked(tmp_path):
     assert all(isinstance(v, Violation) and "openvino int8" in str(v) for v in found)
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.mark.skipif(_chromium() is None,
-                    reason="needs a headless Chromium (Debian: apt install chromium)")
+@needs_chromium
 def test_html_report_renders_in_a_real_browser(artifacts, tmp_path):
     outcome = run_validation(ValidationConfig([artifacts["onnx"], artifacts["damaged"]],
                                               tmp_path / "r", images=3, log=lambda *_: None))
     page = outcome.reports["report.html"]
-    dom = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
+    html = rendered_dom(page)
     assert 'data-ready="ok"' in html  # every embedded image decoded
     images = int(html.split('data-images="')[1].split('"')[0])
     assert images == 3 * (3 + 2 * 2)  # image, truth, reference + mask and heatmap per artifact
     assert "<table id=\"results\"" in html and "damaged.onnx" in html
     assert "Gate failed" in html and "<svg" in html
-    screenshot = tmp_path / "page.png"
-    shot = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--screenshot={screenshot}", "--window-size=1280,2000", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert shot.returncode == 0 and screenshot.is_file()
-    import cv2
-
-    pixels = cv2.imread(str(screenshot))
-    assert pixels is not None and np.std(pixels) > 10  # rendered content, not a blank page
+    assert_renders_content(page, tmp_path)
 
 
 def _thresholds(tmp_path, backends: str) -> Path:
