@@ -40,7 +40,7 @@ from lrformer_edge.backends.layer_names import float_layer_nodes
 from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS, write_rt_metadata
-from lrformer_edge.backends.openvino.ptq import PRECISION_SCHEMES
+from lrformer_edge.backends.openvino.ptq import PRECISION_SCHEMES, uses_statistics_cache
 from lrformer_edge.backends.openvino.runner import (
     PRECISIONS,
     OpenVINORunner,
@@ -77,7 +77,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     (``nncf_statistics.open_statistics_cache``; False: none).
     ``precision_config`` (int8): its float layers stay out of NNCF's quantization (ignored scope
     by friendly name, ``openvino/layer_names.py``); the IR records it and those names.
-    ``smooth_quant`` (int8): SmoothQuant alpha of the convolutions (``openvino/ptq.py``).
+    ``smooth_quant`` (int8): SmoothQuant alpha of the convolutions (``openvino/ptq.py``); such
+    an export opens no statistics cache (``ptq.uses_statistics_cache``).
     """
     ov = require("openvino", "openvino", "OpenVINO export")
     if precision not in IR_PRECISIONS:
@@ -94,7 +95,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
     precision_config = checked_precision_config(precision_config, model, input_size,
                                                 PRECISION_SCHEMES, "OpenVINO INT8")
     cache = open_statistics_cache(model, input_size, calibration, statistics_cache) \
-        if precision == "int8" else None
+        if precision == "int8" and uses_statistics_cache(smooth_quant) else None
 
     def convert(scratch: Path):
         onnx_result = export_onnx(model, scratch / "model.onnx", input_size, batch_size)

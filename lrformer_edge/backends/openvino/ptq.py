@@ -63,6 +63,13 @@ def check_smooth_quant(alpha: float | None) -> None:
         raise ValueError(f"the SmoothQuant alpha of convolutions must be in (0, 1], got {alpha}")
 
 
+def uses_statistics_cache(smooth_quant: float | None) -> bool:
+    """SmoothQuant's per-channel maxima are not storable, and the ranges it leads to depend on
+    which layers it scaled (a precision config's float layers are not), so its exports measure
+    everything afresh."""
+    return smooth_quant is None
+
+
 def quantization_settings(calibration, max_drop, target_isa: str,
                           smooth_quant: float | None = None) -> dict:
     return {"quantization": {
@@ -99,14 +106,13 @@ def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None
     quantizer's (a new statistics pass is added to it). ``float_nodes``: friendly names of
     operations kept in float (a precision config's float layers); they are not part of the
     settings, so the statistics of a plain export cover an export with a config.
-    ``smooth_quant``: SmoothQuant alpha of the convolutions (None: off; no statistics cache)."""
+    ``smooth_quant``: SmoothQuant alpha of the convolutions (None: off; when on, no
+    ``statistics_cache`` may be given: ``uses_statistics_cache``)."""
     target_isa = resolve_int8_target(target_isa)
     check_smooth_quant(smooth_quant)
     settings = quantization_settings(calibration, max_drop, target_isa, smooth_quant)
-    if smooth_quant is not None:
-        # Its per-channel maxima are not storable, and the ranges it leads to depend on which
-        # layers it scaled (a precision config's float layers are not), so nothing is cached.
-        statistics_cache = None
+    if smooth_quant is not None and statistics_cache is not None:
+        raise ValueError("SmoothQuant exports take no statistics cache (see uses_statistics_cache)")
     with heartbeat("NNCF INT8 quantization (OpenVINO)"), \
             cached_nncf_statistics(statistics_cache, settings["quantization"]):
         return _quantize(ov_model, torch_model, calibration, max_drop, target_isa,
