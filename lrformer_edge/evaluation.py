@@ -27,6 +27,22 @@ def procedural_validation_set(count: int, size: tuple[int, int] = (512, 512)) ->
                       "generating held-out scenes"))
 
 
+def load_samples(data: str | None, images: int, size: tuple[int, int]) -> tuple[list, str]:
+    """(samples, description): the first ``images`` of a dataset's val split, or procedural
+    held-out scenes."""
+    if images < 1:
+        raise ValueError(f"--images must be positive, got {images}")
+    if data is None:
+        return (procedural_validation_set(images, size),
+                "procedural held-out scenes (seeds 20,000,000+)")
+    from lrformer_edge.data.datasets import open_dataset
+
+    dataset = open_dataset(data, "val")
+    count = min(images, len(dataset))
+    return ([dataset[i] for i in track(range(count), what="images", label=f"reading {data}")],
+            f"{data} (val, first {count})")
+
+
 def confusion_of(pipeline, samples: Iterable[Sample], on_prediction=None,
                  total: int | None = None,
                  label: str = "evaluation") -> tuple[ConfusionMatrix, list[float]]:

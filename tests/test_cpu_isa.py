@@ -248,7 +248,7 @@ def test_a_precision_hint_the_cpu_did_not_honour_is_said():
 @pytest.mark.slow
 def test_validation_gates_a_vnni_ir_with_exact_int8_emulated(tiny, int8_irs):
     """deploy/validate.py --emulate-exact-int8: the arithmetic of a VNNI/AMX CPU on any CPU."""
-    from lrformer_edge.validation import load_samples
+    from lrformer_edge.evaluation import load_samples
     from lrformer_edge.validation.harness import reference_result, run_artifact
     from lrformer_edge.validation.reference import compute_reference
 

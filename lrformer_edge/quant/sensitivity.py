@@ -33,8 +33,7 @@ from lrformer_edge.data.calibration import (
     PROCEDURAL,
     build_calibration_set,
 )
-from lrformer_edge.data.datasets import open_dataset
-from lrformer_edge.evaluation import procedural_validation_set
+from lrformer_edge.evaluation import load_samples
 from lrformer_edge.models.deploy import to_deploy
 from lrformer_edge.models.layers import Layer, layer_macs, quantizable_layers
 from lrformer_edge.progress import heartbeat, track
@@ -147,16 +146,6 @@ def check_counts(images: int, calibration_images: int, top: int) -> None:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
 
 
-def held_out_samples(data: str | None, images: int, size) -> tuple[list, str]:
-    """The first ``images`` of a dataset's val split, or held-out procedural scenes."""
-    if data is None:
-        return procedural_validation_set(images, size), "procedural held-out scenes"
-    dataset = open_dataset(data, "val")
-    count = min(images, len(dataset))
-    samples = [dataset[i] for i in track(range(count), what="images", label=f"reading {data}")]
-    return samples, f"{data} (val split, first {count}; labels resized to the input size)"
-
-
 def check_compute_budget(max_float_gmacs: float | None, bound: Bound | None, schemes) -> None:
     """Refuse a float-compute budget that no selection would use, or a negative one."""
     if max_float_gmacs is None:
@@ -189,7 +178,7 @@ def run_sensitivity(model, input_size, schemes=DEFAULT_SCHEMES, images: int = DE
     check_bound(bound, schemes, size_models)
     timing = {}
 
-    samples, description = held_out_samples(data, images, input_size)
+    samples, description = load_samples(data, images, input_size)
     held_out = HeldOut.from_samples(samples, model.config.data, input_size, description)
     clock = time.perf_counter()
     calibration = build_calibration_set(calibration_source, model.config.data, input_size,

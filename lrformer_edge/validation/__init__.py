@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrformer_edge.backends import resolve_backend_options
-from lrformer_edge.progress import track
 from lrformer_edge.registry import input_size_of
 
 
@@ -39,23 +38,6 @@ class ValidationOutcome:
     run: object
     violations: list
     reports: dict
-
-
-def load_samples(data: str | None, images: int, size: tuple[int, int]) -> tuple[list, str]:
-    """(samples, description): the first ``images`` of a dataset's val split, or procedural."""
-    if images < 1:
-        raise ValueError(f"--images must be positive, got {images}")
-    if data is None:
-        from lrformer_edge.evaluation import procedural_validation_set
-
-        return (procedural_validation_set(images, size),
-                "procedural held-out scenes (seeds 20,000,000+)")
-    from lrformer_edge.data.datasets import open_dataset
-
-    dataset = open_dataset(data, "val")
-    count = min(images, len(dataset))
-    return ([dataset[i] for i in track(range(count), what="images", label=f"reading {data}")],
-            f"{data} (val, first {count})")
 
 
 def reference_input_size(config: ValidationConfig, model) -> tuple[int, int]:
@@ -98,6 +80,8 @@ def run_validation(config: ValidationConfig) -> ValidationOutcome:
                              checkpoint=config.reference_checkpoint)
         size = reference_input_size(config, model)
         class_names, palette = model.config.data.class_names, model.config.data.palette
+    from lrformer_edge.evaluation import load_samples
+
     samples, description = load_samples(config.data, config.images, size)
     if not config.load_reference:
         config.log(f"computing the FP32 PyTorch ground truth on {len(samples)} images at "

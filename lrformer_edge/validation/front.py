@@ -132,8 +132,8 @@ def run_fronts(model, input_size, rankings, backend_names: Sequence[str] | None,
     sensitivity run on this model and size) on ``images`` held-out scenes (``data``: a dataset
     root's val split instead), against one FP32 ground truth computed once.
     ``calibration``: the set int8 exports calibrate on (None when no int8 front is asked)."""
+    from lrformer_edge.evaluation import load_samples
     from lrformer_edge.quant.selection import top_k_config
-    from lrformer_edge.validation import load_samples
     from lrformer_edge.validation.reference import compute_reference
 
     pairs = front_backends(tuple(rankings.orders), backend_names)
