@@ -23,9 +23,11 @@ _FRAMEWORK_EVENTS = {_EXECUTE, "Method::init", "Program::load_method", "OPERATOR
 
 @dataclass
 class DelegationReport:
-    method_ms: float  # median of the whole program
-    delegate_ms: float  # sum of the XNNPACK delegate calls (medians)
-    portable_ms: dict[str, float] = field(default_factory=dict)  # op -> summed median ms
+    # All from one run, the one with the median program time: per-event medians taken
+    # separately can add up to more than the program's median.
+    method_ms: float  # the whole program
+    delegate_ms: float  # sum of the XNNPACK delegate calls
+    portable_ms: dict[str, float] = field(default_factory=dict)  # op -> summed ms
     delegated_ops: Mapping[str, int] = field(default_factory=dict)
     portable_ops: Mapping[str, int] = field(default_factory=dict)
     runs: int = 0
@@ -46,7 +48,7 @@ class DelegationReport:
         inside, outside = sum(self.delegated_ops.values()), sum(self.portable_ops.values())
         line = (f"XNNPACK runs {inside} of {inside + outside} operators and "
                 f"{100 * self.xnnpack_share:.1f}% of the latency ({self.delegate_ms:.1f} of "
-                f"{self.method_ms:.1f} ms, median of {self.runs} runs)")
+                f"{self.method_ms:.1f} ms, the median of {self.runs} runs)")
         if self.portable_ms:
             slowest = sorted(self.portable_ms.items(), key=lambda item: -item[1])[:5]
             line += "; outside: " + ", ".join(
@@ -81,21 +83,36 @@ def measure_delegation(program: bytes, feed: np.ndarray, runs: int = 3,
 
 
 def _from_events(inspector, op_names: list[str]) -> DelegationReport:
+    events = [event for block in inspector.event_blocks for event in block.events
+              if event.perf_data and not event.is_delegated_op]  # delegated ops: inside a call
+    run = _median_run([event for event in events if event.name == _EXECUTE])
     method_ms = delegate_ms = 0.0
     portable: dict[str, float] = {}
-    for block in inspector.event_blocks:
-        for event in block.events:
-            if event.is_delegated_op or not event.perf_data:
-                continue  # ops inside a delegate are already within its DELEGATE_CALL
-            median = float(np.median(event.perf_data.raw))
-            if event.name == _EXECUTE:
-                method_ms += median
-            elif event.name == _DELEGATE:
-                delegate_ms += median
-            elif event.name not in _FRAMEWORK_EVENTS:
-                name = _portable_op_name(event.name, op_names)
-                portable[name] = portable.get(name, 0.0) + median
+    for event in events:
+        ms = _time_in_run(event, run)
+        if event.name == _EXECUTE:
+            method_ms += ms
+        elif event.name == _DELEGATE:
+            delegate_ms += ms
+        elif event.name not in _FRAMEWORK_EVENTS:
+            name = _portable_op_name(event.name, op_names)
+            portable[name] = portable.get(name, 0.0) + ms
     return DelegationReport(method_ms, delegate_ms, portable)
+
+
+def _median_run(executes: list) -> int | None:
+    """Index of the run whose whole-program time is the median (the lower one for even runs)."""
+    if len(executes) != 1:
+        return None
+    times = list(executes[0].perf_data.raw)
+    return sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]
+
+
+def _time_in_run(event, run: int | None) -> float:
+    raw = event.perf_data.raw
+    if run is not None and run < len(raw):
+        return float(raw[run])
+    return float(np.median(raw))  # an event not seen once per run: its median is the best guess
 
 
 def _portable_op_name(event_name: str, op_names: list[str]) -> str:
