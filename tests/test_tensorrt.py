@@ -157,20 +157,22 @@ def _cli(*args, cwd):
 
 
 @pytest.mark.slow
-def test_cli_int8_onnx_only_then_without_tensorrt(tmp_path):
-    common = ["--int8", "--input-size", "128", "128", "--calib-images", "4",
-              "--output", str(tmp_path / "m.engine")]
-    done = _cli(*common, "--onnx-only", "--validate", "3", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.engine").exists()
-    assert "pixel agreement" in done.stdout and "zero-points 0" in done.stdout
-    if NO_TENSORRT is None:
-        return  # the rest is about machines without TensorRT
-    missing = _cli(*common, cwd=tmp_path)
-    assert missing.returncode == 3
-    assert "TensorRT engine NOT built" in missing.stderr
-    assert f"--from-onnx {tmp_path / 'm.onnx'} --int8" in missing.stderr
-    assert (tmp_path / "m.onnx").is_file()  # the ONNX stays
+def test_cli_int8_exports_then_validates_its_onnx_without_tensorrt(tmp_path):
+    """One export: without TensorRT it keeps the ONNX and prints the target's command; the
+    ONNX is then validated here with --from-onnx --onnx-only (no second export)."""
+    engine, onnx_path = tmp_path / "m.engine", tmp_path / "m.onnx"
+    exported = _cli("--int8", "--input-size", "128", "128", "--calib-images", "4",
+                    "--output", str(engine), cwd=tmp_path)
+    assert "zero-points 0" in exported.stdout, exported.stderr
+    assert onnx_path.is_file()  # the ONNX stays, engine or not
+    if NO_TENSORRT is not None:
+        assert exported.returncode == 3 and not engine.exists()
+        assert "TensorRT engine NOT built" in exported.stderr
+        assert f"--from-onnx {onnx_path} --int8" in exported.stderr
+    validated = _cli("--from-onnx", str(onnx_path), "--int8", "--onnx-only", "--validate", "3",
+                     "--output", str(engine), cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr
+    assert "pixel agreement" in validated.stdout and "ONNX Runtime" in validated.stdout
 
 
 def test_cli_from_onnx_refuses_mismatches(int8_onnx, tmp_path):
