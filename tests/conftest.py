@@ -12,6 +12,22 @@ from lrformer_edge.reference import DEFAULT_REFERENCE_DIR
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
                       max(1, min(2, torch.get_num_threads())))
 
+# The test files that take longest, longest first (seconds on 2 AVX2 cores, 2026-11-28). Two
+# workers take files in collection order (--dist loadfile --no-loadscope-reorder), so starting
+# with these leaves short files for the end instead of one long file running alone.
+LONGEST_FILES = ("test_qat.py", "test_coreml.py", "test_deploy_onnx.py", "test_cli.py",
+                 "test_tensorrt.py", "test_executorch.py", "test_openvino.py",
+                 "test_executorch_qat.py", "test_cpu_isa.py", "test_executorch_lowering.py",
+                 "test_validation.py", "test_statistics_cache.py", "test_camera_demo.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: a file's own tests keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def statistics_cache_dir(tmp_path_factory):
