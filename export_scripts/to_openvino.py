@@ -81,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_smooth_quant(args.smooth_quant)
     except ValueError as error:
         parser.error(f"--smooth-quant: {error}")
+    if args.smooth_quant is not None and args.statistics_cache:
+        parser.error("--statistics-cache goes with plain INT8 only: a --smooth-quant export "
+                     "measures its statistics afresh each time and would not use the file; "
+                     "leave out --statistics-cache")
     check_calibration_arguments(parser, args, calibrates=int8, what="--precision int8")
     check_validate_argument(parser, args)
     check_output_argument(args.output, "--output", "artifact-folder")

@@ -134,6 +134,17 @@ def test_smooth_quant_alpha_outside_its_range_is_refused(tmp_path, tiny_model):
                            str(tmp_path / "x")], capture_output=True, text=True)
     assert done.returncode == 2 and "--smooth-quant applies to --precision int8" in done.stderr
     assert not (tmp_path / "x").exists()
+    # A cache file named for a SmoothQuant export would be ignored: refused instead.
+    named = subprocess.run([sys.executable, str(REPO / "export_scripts/to_openvino.py"),
+                            "--precision", "int8", "--smooth-quant", "0.5", "--statistics-cache",
+                            str(tmp_path / "s.npz"), "--output", str(tmp_path / "x")],
+                           capture_output=True, text=True)
+    assert named.returncode == 2 and "leave out --statistics-cache" in named.stderr
+    assert "Traceback" not in named.stderr and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="cannot serve a SmoothQuant export"):
+        export_openvino(tiny_model, tmp_path / "z", SIZE, "int8", calibration=object(),
+                        statistics_cache=tmp_path / "s.npz", smooth_quant=0.5)
+    assert not (tmp_path / "z").exists() and not (tmp_path / "s.npz").exists()
 
 
 def _fake_quantize_ranges(ov_model) -> list[np.ndarray]:

@@ -40,7 +40,11 @@ from lrformer_edge.backends.layer_names import float_layer_nodes
 from lrformer_edge.backends.nncf_statistics import open_statistics_cache
 from lrformer_edge.backends.onnxruntime.export import export_onnx
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS, write_rt_metadata
-from lrformer_edge.backends.openvino.ptq import PRECISION_SCHEMES, uses_statistics_cache
+from lrformer_edge.backends.openvino.ptq import (
+    PRECISION_SCHEMES,
+    check_statistics_cache_request,
+    uses_statistics_cache,
+)
 from lrformer_edge.backends.openvino.runner import (
     PRECISIONS,
     OpenVINORunner,
@@ -90,6 +94,7 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
         raise ValueError("calibration data, max_drop and a precision config apply to int8 only")
     if precision != "int8" and smooth_quant is not None:
         raise ValueError(f"SmoothQuant applies to int8 only, not to {precision}")
+    check_statistics_cache_request(smooth_quant, statistics_cache)
     target_isa = resolve_int8_target(target_isa)
     input_size = check_input_size(input_size_of(model, input_size))
     precision_config = checked_precision_config(precision_config, model, input_size,

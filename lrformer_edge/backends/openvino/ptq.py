@@ -63,6 +63,16 @@ def check_smooth_quant(alpha: float | None) -> None:
         raise ValueError(f"the SmoothQuant alpha of convolutions must be in (0, 1], got {alpha}")
 
 
+def check_statistics_cache_request(smooth_quant: float | None, statistics_cache) -> None:
+    """Refuse a statistics cache file named for a SmoothQuant export, which would not use it
+    (``uses_statistics_cache``); the default (True) and False are fine."""
+    if smooth_quant is not None and not isinstance(statistics_cache, bool) \
+            and statistics_cache is not None:
+        raise ValueError(f"statistics cache {statistics_cache} cannot serve a SmoothQuant "
+                         f"export: SmoothQuant measures its per-channel maxima and ranges afresh "
+                         f"each time; leave out the cache file (or SmoothQuant)")
+
+
 def uses_statistics_cache(smooth_quant: float | None) -> bool:
     """SmoothQuant's per-channel maxima are not storable, and the ranges it leads to depend on
     which layers it scaled (a precision config's float layers are not), so its exports measure
