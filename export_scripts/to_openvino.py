@@ -33,7 +33,10 @@ from lrformer_edge.backends.openvino.export import (
     target_cpu_line,
 )
 from lrformer_edge.backends.openvino.ir import IR_PRECISIONS
-from lrformer_edge.backends.openvino.ptq import check_smooth_quant
+from lrformer_edge.backends.openvino.ptq import (
+    check_smooth_quant,
+    check_statistics_cache_request,
+)
 from lrformer_edge.cli import (
     add_calibration_arguments,
     add_int8_target_argument,
@@ -81,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_smooth_quant(args.smooth_quant)
     except ValueError as error:
         parser.error(f"--smooth-quant: {error}")
-    if args.smooth_quant is not None and args.statistics_cache:
+    try:
+        check_statistics_cache_request(args.smooth_quant, args.statistics_cache)
+    except ValueError:
         parser.error("--statistics-cache goes with plain INT8 only: a --smooth-quant export "
                      "measures its statistics afresh each time and would not use the file; "
                      "leave out --statistics-cache")
