@@ -148,20 +148,54 @@ def entry_name(backend: str, settings: dict) -> str:
     return f"{backend}-{digest.hexdigest()[:12]}"
 
 
+# Versioned: what the pass keeps of a tensor may grow, and an older entry then lacks it.
+ACTIVATIONS_ENTRY = "onnx-activations-v1"
+
+
+@dataclass(frozen=True)
+class SharedPass:
+    """What the shared activation pass (``activation_statistics``) needs from an exporter: the
+    FP32 ONNX its backend graph was made from, the calibration batches, and how that backend's
+    statistic points name the ONNX's tensors (``nncf_collectors.*_tensor_resolver``, called
+    with the backend model, its NNCFGraph, the statistics and the ONNX's path)."""
+
+    onnx_path: Path
+    batches: list
+    resolver: Callable
+
+
+class _Unkept:
+    """A statistics cache that keeps nothing (--no-statistics-cache): the export still takes its
+    activations from the shared pass."""
+
+    path = None
+
+    def __init__(self):
+        self.entries: dict = {}
+
+    def write(self) -> None:
+        pass
+
+
 @contextmanager
 def cached_nncf_statistics(cache: StatisticsCache | None, settings: dict,
+                           shared: SharedPass | None = None,
                            log: Callable[[str], None] = print) -> Iterator[None]:
-    """Within this block, NNCF's statistics pass reads ``cache`` when it holds every statistic
-    the quantizer asks for, and otherwise runs and adds what it measured to the cache."""
-    if cache is None:
+    """Within this block, NNCF's statistics pass takes every statistic ``cache`` holds from
+    it, the activations' from ``shared``'s one pass over the FP32 ONNX (measured once per cache
+    and kept in it), and runs NNCF's own pass only for the rest (weights, read from one image;
+    anything the shared pass cannot answer). What was not in the cache is added to it."""
+    if cache is None and shared is None:
         yield
         return
     import nncf.quantization.algorithms.pipeline as pipeline
 
     original = pipeline.collect_statistics
+    cache = cache if cache is not None else _Unkept()
 
     def collect(containers, model, graph, dataset):
-        return _collect_or_load(cache, settings, containers, model, graph, dataset, original, log)
+        return _collect_or_load(cache, settings, shared, containers, model, graph, dataset,
+                                original, log)
 
     pipeline.collect_statistics = collect
     try:
@@ -170,7 +204,17 @@ def cached_nncf_statistics(cache: StatisticsCache | None, settings: dict,
         pipeline.collect_statistics = original
 
 
-def _collect_or_load(cache, settings, containers, model, graph, dataset, original, log):
+@dataclass(eq=False)
+class _Point:
+    key: str | None  # None: a collector without a statistic class (cannot be stored)
+    statistic_point: object
+    collector: object
+    algorithm: str
+    container: type | None = None
+    aliases: tuple = ()
+
+
+def _collect_or_load(cache, settings, shared, containers, model, graph, dataset, original, log):
     from nncf.common.factory import StatisticsAggregatorFactory
 
     aggregator = StatisticsAggregatorFactory.create(model, dataset)
@@ -178,29 +222,99 @@ def _collect_or_load(cache, settings, containers, model, graph, dataset, origina
         aggregator.register_statistic_points(container)
     entry = entry_name(type(aggregator).__name__, settings)
     stored = cache.entries.get(entry, {})
-    collectors = _keyed_collectors(aggregator, graph)
-    found = {key: _stored_statistic(stored, key, aliases)
-             for key, (_, _, aliases) in collectors.items()}
-    if collectors and all(fields is not None for fields in found.values()):
-        for key, (container, collector, _) in collectors.items():
-            collector.set_cache(_statistic(container, found[key]))
-        log(f"calibration statistics: {len(collectors)} reused from {cache.path}")
-        return aggregator.statistic_points
-    # The pass fills the collectors of ``containers``, which ``collectors`` holds.
-    collected = original(containers, model, graph, dataset)
-    measured = {key: {field: np.asarray(value.data) for field, value in
-                      collector.get_statistics().get_data(is_serialized=True).items()}
-                for key, (_, collector, _) in collectors.items()}
-    cache.entries.setdefault(entry, {}).update(measured)
-    cache.write()
-    log(f"calibration statistics: {len(measured)} measured, cached in {cache.path}")
-    return collected
+    points = _points(aggregator, graph)
+    pending = []
+    for point in points:
+        fields = _stored_statistic(stored, point.key, point.aliases) if point.key else None
+        if fields is None:
+            pending.append(point)
+        else:
+            point.collector.set_cache(_statistic(point.container, fields))
+    shared_points, source = _fill_from_shared_pass(cache, shared, pending, model, graph) \
+        if pending and shared is not None else ([], "")
+    left = [point for point in pending if point not in shared_points]
+    if left:
+        # NNCF reads as many images as its remaining collectors ask for: one for weights.
+        original(_container_of(left), model, graph, dataset)
+    new = {point.key: {field: np.asarray(value.data) for field, value in
+                       point.collector.get_statistics().get_data(is_serialized=True).items()}
+           for point in shared_points + left if point.key is not None}
+    if new:
+        cache.entries.setdefault(entry, {}).update(new)
+        cache.write()
+    log("calibration statistics: " + _summary(len(points) - len(pending), len(shared_points),
+                                              source, len(left), cache.path))
+    return aggregator.statistic_points
 
 
-def _keyed_collectors(aggregator, graph) -> dict:
-    """{statistics key: (statistic class, tensor collector, alias keys)} of the registered
-    points; collectors without a statistic class (plain dicts) cannot be stored and are left
-    out.
+def _summary(reused: int, shared: int, source: str, by_nncf: int, path) -> str:
+    parts = [f"{reused} reused", f"{shared} from the shared activation pass ({source})",
+             f"{by_nncf} by NNCF (weights and what the shared pass cannot answer)"]
+    kept = f"; cache {path}" if path is not None else "; not cached (--no-statistics-cache)"
+    return ", ".join(part for part, count in zip(parts, (reused, shared, by_nncf)) if count) \
+        + kept
+
+
+def _fill_from_shared_pass(cache, shared: SharedPass, pending, model, graph):
+    """(the pending points filled from the shared activation statistics, where those came
+    from)."""
+    from lrformer_edge.backends.nncf_collectors import fill_collector, is_activation_point
+
+    activation_points = [p for p in pending if is_activation_point(p.statistic_point.target_point)]
+    if not activation_points:
+        return [], ""
+    activations, source = _shared_activations(cache, shared)
+    resolve = shared.resolver(model, graph, activations, shared.onnx_path)
+    filled = []
+    for point in activation_points:
+        tensor = resolve(point.statistic_point.target_point)
+        if tensor is not None and fill_collector(point.collector, tensor, activations):
+            filled.append(point)
+    return filled, source
+
+
+def _shared_activations(cache, shared: SharedPass):
+    from lrformer_edge.backends.activation_statistics import (
+        ActivationStatistics,
+        measure_activation_statistics,
+    )
+
+    # Tensor names are only meaningful in the graph that named them.
+    entry = f"{ACTIVATIONS_ENTRY}-{_graph_digest(shared.onnx_path)[:12]}"
+    if entry in cache.entries:
+        return ActivationStatistics.from_entry(cache.entries[entry]), "reused"
+    activations = measure_activation_statistics(shared.onnx_path, shared.batches)
+    cache.entries[entry] = activations.to_entry()
+    return activations, "measured now"
+
+
+def _graph_digest(onnx_path) -> str:
+    """SHA-256 of the ONNX's structure (nodes, their types and tensor names), not its weights."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    digest = hashlib.sha256()
+    for node in graph.node:
+        digest.update("|".join([node.op_type, *node.input, "->", *node.output]).encode())
+    return digest.hexdigest()
+
+
+def _container_of(points):
+    from nncf.common.tensor_statistics.statistic_point import (
+        StatisticPoint,
+        StatisticPointsContainer,
+    )
+
+    container = StatisticPointsContainer()
+    for point in points:
+        container.add_statistic_point(StatisticPoint(
+            point.statistic_point.target_point, point.collector, point.algorithm))
+    return container
+
+
+def _points(aggregator, graph) -> list[_Point]:
+    """The registered collectors, each keyed by NNCF's statistics key (where it has a statistic
+    class; a plain-dict collector cannot be stored), with alias keys.
 
     The key is NNCF's, with generated node names (``Multiply_455740``: numbered from a
     process-wide counter, so they differ from one export to the next) replaced by the node's
@@ -216,14 +330,17 @@ def _keyed_collectors(aggregator, graph) -> dict:
         name = target_point.target_node_name
         return key.replace(name, stable.get(name, name), 1)
 
-    keyed = {}
-    for _, point, collector in aggregator.statistic_points.get_tensor_collectors():
+    points = []
+    for algorithm, point, collector in aggregator.statistic_points.get_tensor_collectors():
         container = collector._stat_container
-        if container is not None:
-            aliases = [key_of(container, other)
-                       for other in _points_on_same_tensor(graph, point.target_point)]
-            keyed[key_of(container, point.target_point)] = (container, collector, aliases)
-    return keyed
+        if container is None:
+            points.append(_Point(None, point, collector, algorithm))
+            continue
+        aliases = tuple(key_of(container, other)
+                        for other in _points_on_same_tensor(graph, point.target_point))
+        points.append(_Point(key_of(container, point.target_point), point, collector, algorithm,
+                             container, aliases))
+    return points
 
 
 def _points_on_same_tensor(graph, target_point) -> list:

@@ -115,7 +115,8 @@ def export_openvino(model, output_dir: str | Path, input_size=None, precision: s
                 precision_config, lambda: openvino_layer_nodes(model, ov_model))
             ov_model, quantization = quantize_openvino(
                 ov_model, model, calibration, max_drop, target_isa, cache,
-                [name for names in float_nodes.values() for name in names], smooth_quant)
+                [name for names in float_nodes.values() for name in names], smooth_quant,
+                onnx_result.path)
             if precision_config is not None:
                 quantization = {**quantization, METADATA_KEY: precision_config.metadata(),
                                 "float_layer_nodes": float_nodes}

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
-from lrformer_edge.backends.nncf_statistics import cached_nncf_statistics
+from lrformer_edge.backends.nncf_statistics import SharedPass, cached_nncf_statistics
 from lrformer_edge.backends.nncf_support import (
     FLOAT_POOLING,
     overflow_fix,
@@ -110,21 +110,29 @@ def pooling_matmuls(ov_model) -> list[str]:
 
 def quantize_openvino(ov_model, torch_model, calibration, max_drop: float | None = None,
                       target_isa: str = DEFAULT_INT8_TARGET, statistics_cache=None,
-                      float_nodes: Sequence[str] = (), smooth_quant: float | None = None):
+                      float_nodes: Sequence[str] = (), smooth_quant: float | None = None,
+                      fp32_onnx=None):
     """(quantized ov.Model, settings for the artifact metadata). ``statistics_cache``: a
     ``nncf_statistics.StatisticsCache`` whose statistics are reused where they cover the
     quantizer's (a new statistics pass is added to it). ``float_nodes``: friendly names of
     operations kept in float (a precision config's float layers); they are not part of the
     settings, so the statistics of a plain export cover an export with a config.
     ``smooth_quant``: SmoothQuant alpha of the convolutions (None: off; when on, no
-    ``statistics_cache`` may be given: ``uses_statistics_cache``)."""
+    ``statistics_cache`` may be given: ``uses_statistics_cache``). ``fp32_onnx``: the path of
+    the FP32 ONNX ``ov_model`` was converted from; its activations are measured by the pass
+    every target shares (``activation_statistics``; not with SmoothQuant, which rescales
+    them)."""
     target_isa = resolve_int8_target(target_isa)
     check_smooth_quant(smooth_quant)
     settings = quantization_settings(calibration, max_drop, target_isa, smooth_quant)
     if smooth_quant is not None and statistics_cache is not None:
         raise ValueError("SmoothQuant exports take no statistics cache (see uses_statistics_cache)")
+    from lrformer_edge.backends.nncf_collectors import openvino_tensor_resolver
+
+    shared = None if fp32_onnx is None or smooth_quant is not None else \
+        SharedPass(fp32_onnx, calibration.batches, openvino_tensor_resolver)
     with heartbeat("NNCF INT8 quantization (OpenVINO)"), \
-            cached_nncf_statistics(statistics_cache, settings["quantization"]):
+            cached_nncf_statistics(statistics_cache, settings["quantization"], shared):
         return _quantize(ov_model, torch_model, calibration, max_drop, target_isa,
                          float_nodes, smooth_quant), settings
 

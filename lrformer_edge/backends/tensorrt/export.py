@@ -171,7 +171,7 @@ def export_tensorrt_onnx(model, output: str | Path, input_size=None, precision: 
                                             lambda: onnx_layer_nodes(model, graph))
             graph, quantization = quantize_qdq(
                 graph, calibration, cache, [name for names in float_nodes.values()
-                                            for name in names])
+                                            for name in names], fp32.path)
             quantization["quantization"].update(qdq_summary(graph))
             if precision_config is not None:
                 quantization.update(_mixed_metadata(precision_config, float_nodes, graph))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lrformer_edge.artifacts.optional import require
-from lrformer_edge.backends.nncf_statistics import cached_nncf_statistics
+from lrformer_edge.backends.nncf_statistics import SharedPass, cached_nncf_statistics
 from lrformer_edge.backends.nncf_support import FLOAT_POOLING
 from lrformer_edge.progress import heartbeat
 
@@ -55,15 +55,21 @@ def quantizer_rules(nncf) -> dict:
 
 
 def quantize_qdq(onnx_model, calibration, statistics_cache=None,
-                 float_nodes: Sequence[str] = ()):
+                 float_nodes: Sequence[str] = (), fp32_onnx=None):
     """(Q/DQ onnx.ModelProto in TensorRT form, settings for the artifact metadata).
     ``statistics_cache``: a ``nncf_statistics.StatisticsCache`` (see ``quantize_openvino``).
+    ``fp32_onnx``: the path of the FP32 ONNX ``onnx_model`` was folded from; its activations are
+    measured by the pass every target shares (``activation_statistics``).
     ``float_nodes``: names of nodes of ``onnx_model`` that get no Q/DQ on their inputs or
     weights (a precision config's float layers); not part of the settings, so the statistics of
     a plain export cover an export with a config."""
+    from lrformer_edge.backends.nncf_collectors import onnx_tensor_resolver
+
     settings = quantization_settings(calibration)
+    shared = None if fp32_onnx is None else \
+        SharedPass(fp32_onnx, calibration.batches, onnx_tensor_resolver)
     with heartbeat("NNCF INT8 quantization (TensorRT Q/DQ)"), \
-            cached_nncf_statistics(statistics_cache, settings["quantization"]):
+            cached_nncf_statistics(statistics_cache, settings["quantization"], shared):
         return to_signed_int8(_quantize(onnx_model, calibration, float_nodes)), settings
 
 
