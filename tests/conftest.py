@@ -18,7 +18,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
 LONGEST_FILES = ("test_qat.py", "test_coreml.py", "test_deploy_onnx.py", "test_cli.py",
                  "test_tensorrt.py", "test_executorch.py", "test_openvino.py",
                  "test_executorch_qat.py", "test_cpu_isa.py", "test_executorch_lowering.py",
-                 "test_validation.py", "test_statistics_cache.py", "test_camera_demo.py")
+                 "test_validation.py", "test_statistics_cache.py", "test_shared_statistics.py",
+                 "test_camera_demo.py")
 
 
 def pytest_collection_modifyitems(items):
