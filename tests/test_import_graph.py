@@ -82,6 +82,8 @@ LAYERS = (
 BACKENDS = "lrformer_edge.backends"
 SHARED_BACKEND_MODULES = ("lrformer_edge.backends.base", "lrformer_edge.backends.nncf_support",
                           "lrformer_edge.backends.nncf_statistics",
+                          "lrformer_edge.backends.activation_statistics",
+                          "lrformer_edge.backends.nncf_collectors",
                           "lrformer_edge.backends.layer_names")
 ONNX_BUILDING_BLOCKS = ("lrformer_edge.backends.onnxruntime.export",
                         "lrformer_edge.backends.onnxruntime.format")
@@ -161,6 +163,8 @@ def backend_folder_violations(graph: ImportGraph) -> list[str]:
                 problems.append(_describe(imp, f"backends/{folder}/ imports only artifacts, "
                                                f"backends/base.py, backends/nncf_support.py, "
                                                f"backends/nncf_statistics.py, "
+                                               f"backends/activation_statistics.py, "
+                                               f"backends/nncf_collectors.py, "
                                                f"backends/layer_names.py, its "
                                                f"own folder and onnxruntime/{{export,format}}.py"))
         elif imp.importer in SHARED_BACKEND_MODULES and imp.target not in SHARED_BACKEND_MODULES:
