@@ -30,7 +30,8 @@ import numpy as np
 from lrformer_edge.progress import heartbeat, track
 
 _SEPARATOR = "::"
-FIELDS = ("min", "max", "mean_axis1", "mean_last", "shape", "min_axis1", "max_axis1")
+FIELDS = ("min", "max", "mean_axis1", "mean_last", "shape", "min_axis1", "max_axis1", "min_last",
+          "max_last")
 
 
 @dataclass
@@ -42,8 +43,12 @@ class TensorStatistics:
     mean_axis1: np.ndarray | None  # (channels,), rank >= 3 only
     mean_last: np.ndarray | None  # (last dim,), rank >= 2
     shape: tuple[int, ...]
-    min_axis1: np.ndarray | None = None  # (images, channels): inputs of depthwise convolutions
+    # (images, channels) along axis 1 and along the last axis: inputs of depthwise convolutions,
+    # and outputs of (x + b) * s (see _channel_range_tensors)
+    min_axis1: np.ndarray | None = None
     max_axis1: np.ndarray | None = None
+    min_last: np.ndarray | None = None
+    max_last: np.ndarray | None = None
 
     def viewed_as(self, shape: tuple[int, ...]) -> TensorStatistics:
         """The statistics of a reshaped view of this tensor (the same values): its ranges, and
@@ -92,7 +97,8 @@ class ActivationStatistics:
         return cls({name: TensorStatistics(
             min=values["min"], max=values["max"], mean_axis1=values.get("mean_axis1"),
             mean_last=values.get("mean_last"), shape=tuple(int(d) for d in values["shape"]),
-            min_axis1=values.get("min_axis1"), max_axis1=values.get("max_axis1"))
+            min_axis1=values.get("min_axis1"), max_axis1=values.get("max_axis1"),
+            min_last=values.get("min_last"), max_last=values.get("max_last"))
             for name, values in entry.items()})
 
 
@@ -132,7 +138,9 @@ def _summarised(fields: dict[str, list]) -> TensorStatistics:
 
     def per_image(field):
         values = fields.get(field)
-        return None if values is None else np.stack(values).astype(np.float32)
+        if values is None or rank < 2 or (field.endswith("axis1") and rank < 3):
+            return None  # Flatten(2) of a 2-D tensor does not keep axis 1 apart
+        return np.stack(values).astype(np.float32)
 
     def mean_over_images(field):
         values = fields.get(field)
@@ -144,7 +152,8 @@ def _summarised(fields: dict[str, list]) -> TensorStatistics:
         min=np.asarray(fields["min"], dtype=np.float32).reshape(-1),
         max=np.asarray(fields["max"], dtype=np.float32).reshape(-1),
         mean_axis1=mean_over_images("mean_axis1"), mean_last=mean_over_images("mean_last"),
-        shape=shape, min_axis1=per_image("min_axis1"), max_axis1=per_image("max_axis1"))
+        shape=shape, min_axis1=per_image("min_axis1"), max_axis1=per_image("max_axis1"),
+        min_last=per_image("min_last"), max_last=per_image("max_last"))
 
 
 # Their outputs hold their first input's values, rearranged: same minimum and maximum.
@@ -197,9 +206,10 @@ _BIASED_LAYERS = ("Conv", "MatMul", "Gemm")
 
 
 def _channel_mean_tensors(graph) -> set[str]:
-    """The inputs and outputs of biased layers."""
+    """The inputs and outputs of biased layers, and the scaled biased outputs
+    (``_scaled_biased_outputs``)."""
     producers = {out: node for node in graph.node for out in node.output}
-    names = set()
+    names = _scaled_biased_outputs(graph)
     for node in graph.node:
         if node.op_type in _BIASED_LAYERS:
             names.update(node.input[:1])
@@ -211,10 +221,36 @@ def _channel_mean_tensors(graph) -> set[str]:
 
 
 def _channel_range_tensors(graph) -> set[str]:
-    """The inputs of grouped (depthwise) convolutions, which a CPU quantizes per channel."""
+    """The inputs of grouped (depthwise) convolutions, which a CPU quantizes per channel, and the
+    scaled biased outputs (``_scaled_biased_outputs``)."""
     names = {node.input[0] for node in graph.node if node.op_type == "Conv" and any(
         attribute.name == "group" and attribute.i > 1 for attribute in node.attribute)}
-    return _with_rearrangements(graph, names)
+    return _with_rearrangements(graph, names | _scaled_biased_outputs(graph))
+
+
+def _scaled_biased_outputs(graph) -> set[str]:
+    """Outputs of ``(x + b) * s`` with constant ``b`` and ``s`` (``b`` also a layer's bias, as in
+    a layer scale after a biased convolution). OpenVINO computes them as ``x * s + b * s``, and
+    NNCF then observes ``x * s``: its range is the per-channel range of the output less ``b * s``,
+    its channel means the output's less ``b * s``."""
+    constants = {init.name for init in graph.initializer}
+    constants.update(out for node in graph.node if node.op_type == "Constant"
+                     for out in node.output)
+    constants.update(node.output[0] for node in graph.node
+                     if node.op_type == "Identity" and node.input[0] in constants)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def adds_a_constant(name: str) -> bool:
+        node = producers.get(name)
+        if node is None:
+            return False
+        if node.op_type in ("Conv", "Gemm"):
+            return len(node.input) > 2 and node.input[2] in constants
+        return node.op_type == "Add" and any(operand in constants for operand in node.input)
+
+    return {node.output[0] for node in graph.node if node.op_type == "Mul"
+            and any(operand in constants for operand in node.input)
+            and any(adds_a_constant(operand) for operand in node.input)}
 
 
 def _with_rearrangements(graph, names: set[str]) -> set[str]:
@@ -255,12 +291,15 @@ def _reductions(name: str, value_range: bool, channel_means: bool,
                   helper.make_node("ReduceMax", [name], [out("max")], keepdims=0)]
         outputs += [(out("min"), TensorProto.FLOAT), (out("max"), TensorProto.FLOAT)]
     if channel_ranges:
-        # Per axis-1 channel of a batch-1 tensor: reduce axis 1 of Flatten(2).
-        flat = out("range_axis1_flat")
-        nodes.append(helper.make_node("Flatten", [name], [flat], axis=2))
-        for field, op in (("min_axis1", "ReduceMin"), ("max_axis1", "ReduceMax")):
-            nodes.append(helper.make_node(op, [flat], [out(field)], axes=[1], keepdims=0))
-            outputs.append((out(field), TensorProto.FLOAT))
+        # Per axis-1 channel of a batch-1 tensor: reduce axis 1 of Flatten(2); per last-axis
+        # channel: axis 0 of Flatten(-1).
+        for suffix, flatten_axis, reduce_axis in (("axis1", 2, 1), ("last", -1, 0)):
+            flat = out(f"range_{suffix}_flat")
+            nodes.append(helper.make_node("Flatten", [name], [flat], axis=flatten_axis))
+            for field, op in ((f"min_{suffix}", "ReduceMin"), (f"max_{suffix}", "ReduceMax")):
+                nodes.append(helper.make_node(op, [flat], [out(field)], axes=[reduce_axis],
+                                              keepdims=0))
+                outputs.append((out(field), TensorProto.FLOAT))
     if channel_means:
         # Flatten(axis=k) makes (d0*...*d(k-1), rest): for a batch-1 tensor the mean over axis 1
         # of Flatten(2) is the mean per axis-1 channel, over axis 0 of Flatten(-1) per last.

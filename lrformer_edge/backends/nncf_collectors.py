@@ -264,10 +264,18 @@ def _per_image(reducer, aggregator, statistics: TensorStatistics, bias) -> list 
         return [means.astype(np.float32)] * images
     kind = next((k for k in (AbsMaxReducer, MinReducer, MaxReducer) if isinstance(reducer, k)),
                 None)
-    if kind is None or bias is not None:  # a range needs the tensor's values with its bias
+    if kind is None:
         return None
     rank = len(statistics.shape)
     reduced = set(determine_reduction_axes(rank, reducer._axes, reducer._axes_mode))
+    if bias is not None:  # whole-tensor ranges of the values less a per-channel bias only
+        if reduced != set(range(rank)):
+            return None
+        less_bias = _ranges_less_bias(statistics, bias)
+        if less_bias is None:
+            return None
+        per_image = _ranges(kind, *less_bias)
+        return [np.full((1,) * rank, value, dtype=np.float32) for value in per_image]
     if reduced == set(range(rank)):
         per_image = _ranges(kind, statistics.min, statistics.max)
         return [np.full((1,) * rank, value, dtype=np.float32) for value in per_image]
@@ -275,6 +283,21 @@ def _per_image(reducer, aggregator, statistics: TensorStatistics, bias) -> list 
         per_image = _ranges(kind, statistics.min_axis1, statistics.max_axis1)
         keep = tuple(-1 if axis == 1 else 1 for axis in range(rank))
         return [row.reshape(keep).astype(np.float32) for row in per_image]
+    return None
+
+
+def _ranges_less_bias(statistics: TensorStatistics, bias: np.ndarray):
+    """(per-image minima, maxima) of the tensor less ``bias``, from its per-channel ranges along
+    the axis the bias varies on (None when those were not measured)."""
+    rank = len(statistics.shape)
+    if bias.size == 1:
+        return statistics.min - bias.item(), statistics.max - bias.item()
+    for axis, minima, maxima in ((1, statistics.min_axis1, statistics.max_axis1),
+                                 (rank - 1, statistics.min_last, statistics.max_last)):
+        per_channel = _along_channels(bias, statistics.shape, axis)
+        if minima is not None and per_channel is not None and \
+                per_channel.size == minima.shape[1]:
+            return (minima - per_channel).min(axis=1), (maxima - per_channel).max(axis=1)
     return None
 
 
