@@ -14,12 +14,16 @@ bias-correction statistics are made of:
 * the per-image minimum and maximum over the whole tensor (per-tensor ranges, under any of
   NNCF's aggregators: mean, min, max over images);
 * the mean over images of the per-image mean per channel, along axis 1 and along the last axis
-  (fast bias correction's channel means; ``mean_per_channel`` of a 2-D tensor is the last one);
+  (fast bias correction's channel means; ``mean_per_channel`` of a 2-D tensor is the last one),
+  for the inputs and outputs of biased layers;
+* the per-image minimum and maximum per channel, along axis 1 and along the last axis, for the
+  inputs of depthwise convolutions (quantized per channel on CPUs) and the outputs of layer
+  scales after a bias (``_scaled_biased_outputs``);
 * its shape.
 
-``nncf_statistics`` fills each backend's collectors from these through ``resolve`` functions
-that name the ONNX tensor a statistic point observes; what this cannot answer (weights,
-per-channel activation ranges, tensors the ONNX does not name) is left to NNCF's own pass.
+``nncf_collectors`` fills each backend's collectors from these through resolvers that name the
+ONNX tensor a statistic point observes; what this cannot answer (weights, tensors the ONNX does
+not name) is left to NNCF's own pass.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ class TensorStatistics:
     mean_last: np.ndarray | None  # (last dim,), rank >= 2
     shape: tuple[int, ...]
     # (images, channels) along axis 1 and along the last axis: inputs of depthwise convolutions,
-    # and outputs of (x + b) * s (see _channel_range_tensors)
+    # and outputs of (x + b) * s (``_channel_range_tensors``)
     min_axis1: np.ndarray | None = None
     max_axis1: np.ndarray | None = None
     min_last: np.ndarray | None = None
