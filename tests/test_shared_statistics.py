@@ -57,6 +57,11 @@ def _assert_same_statistics(own: dict, shared: dict) -> None:
                 err_msg=f"{key} {field}")
 
 
+def _assert_nncf_read_only_weights(own: dict, log: str) -> None:
+    assert _counts(log) == (sum(not WEIGHTS.search(key) for key in own),
+                            sum(bool(WEIGHTS.search(key)) for key in own))
+
+
 def _counts(log: str) -> tuple[int, int]:
     shared = re.search(r"(\d+) from the shared activation pass", log)
     by_nncf = re.search(r"(\d+) by NNCF", log)
@@ -77,8 +82,7 @@ def test_openvino_gets_from_the_shared_pass_what_nncf_measures(
     _assert_same_statistics(own, shared)
     # Every activation, the convolutions' WithoutBiases outputs and OpenVINO's x * s of a layer
     # scale after a biased layer included; NNCF reads only the weights.
-    assert _counts(log) == (sum(not WEIGHTS.search(key) for key in own),
-                            sum(bool(WEIGHTS.search(key)) for key in own))
+    _assert_nncf_read_only_weights(own, log)
 
 
 @pytest.mark.slow
@@ -99,8 +103,7 @@ def test_tensorrt_gets_from_the_shared_pass_what_nncf_measures(
     _assert_same_statistics(own, shared)
     # Every activation, Gemms that ONNX Runtime fused from MatMul+Add included; NNCF reads
     # only the weights (from one image).
-    assert _counts(log) == (sum(not WEIGHTS.search(key) for key in own),
-                            sum(bool(WEIGHTS.search(key)) for key in own))
+    _assert_nncf_read_only_weights(own, log)
 
 
 @pytest.mark.slow

@@ -160,6 +160,37 @@ def _summarised(fields: dict[str, list]) -> TensorStatistics:
         min_last=per_image("min_last"), max_last=per_image("max_last"))
 
 
+class Wiring:
+    """Who produces and who reads each tensor of an ONNX graph."""
+
+    def __init__(self, onnx_graph):
+        self.initializers = {init.name for init in onnx_graph.initializer}
+        self.ordered = list(onnx_graph.node)
+        self.nodes = {node.name: node for node in onnx_graph.node}
+        self.producers = {out: node for node in onnx_graph.node for out in node.output}
+        self.consumers: dict[str, list] = {}
+        for node in onnx_graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def joined(self, names, op_types) -> set[str]:
+        """``names`` and the tensors joined to them, either way, by nodes of ``op_types`` (from
+        a node's first input to its output)."""
+        group, pending = set(names), list(names)
+        while pending:
+            tensor = pending.pop()
+            producer = self.producers.get(tensor)
+            neighbours = [producer.input[0]] if producer is not None and \
+                producer.op_type in op_types else []
+            neighbours += [n.output[0] for n in self.consumers.get(tensor, [])
+                           if n.op_type in op_types and n.input[0] == tensor]
+            for neighbour in neighbours:
+                if neighbour not in group:
+                    group.add(neighbour)
+                    pending.append(neighbour)
+        return group
+
+
 # Their outputs hold their first input's values, rearranged: same minimum and maximum.
 _REARRANGING = ("Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -174,7 +205,8 @@ def _measuring_graph(onnx_path):
     graph = model.graph
     floats = {info.name for info in list(graph.input) + list(graph.value_info)
               + list(graph.output) if info.type.tensor_type.elem_type == TensorProto.FLOAT}
-    averaged, ranged = _channel_mean_tensors(graph), _channel_range_tensors(graph)
+    wiring = Wiring(graph)
+    averaged, ranged = _channel_mean_tensors(wiring), _channel_range_tensors(wiring)
     same_range: dict[str, str] = {}
     nodes, outputs = [], []
 
@@ -209,74 +241,52 @@ def _measuring_graph(onnx_path):
 _BIASED_LAYERS = ("Conv", "MatMul", "Gemm")
 
 
-def _channel_mean_tensors(graph) -> set[str]:
+def _channel_mean_tensors(wiring: Wiring) -> set[str]:
     """The inputs and outputs of biased layers, and the scaled biased outputs
-    (``_scaled_biased_outputs``)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    names = _scaled_biased_outputs(graph)
-    for node in graph.node:
+    (``_scaled_biased_outputs``), with their rearrangements (a backend may drop or move a Reshape
+    or Transpose next to a layer)."""
+    names = _scaled_biased_outputs(wiring)
+    for node in wiring.ordered:
         if node.op_type in _BIASED_LAYERS:
             names.update(node.input[:1])
             names.update(node.output)
         elif node.op_type == "Add" and any(
-                getattr(producers.get(name), "op_type", None) == "MatMul" for name in node.input):
+                getattr(wiring.producers.get(name), "op_type", None) == "MatMul"
+                for name in node.input):
             names.update(node.output)
-    return _with_rearrangements(graph, names)
+    return wiring.joined(names, _REARRANGING)
 
 
-def _channel_range_tensors(graph) -> set[str]:
+def _channel_range_tensors(wiring: Wiring) -> set[str]:
     """The inputs of grouped (depthwise) convolutions, which a CPU quantizes per channel, and the
-    scaled biased outputs (``_scaled_biased_outputs``)."""
-    names = {node.input[0] for node in graph.node if node.op_type == "Conv" and any(
+    scaled biased outputs (``_scaled_biased_outputs``), with their rearrangements."""
+    names = {node.input[0] for node in wiring.ordered if node.op_type == "Conv" and any(
         attribute.name == "group" and attribute.i > 1 for attribute in node.attribute)}
-    return _with_rearrangements(graph, names | _scaled_biased_outputs(graph))
+    return wiring.joined(names | _scaled_biased_outputs(wiring), _REARRANGING)
 
 
-def _scaled_biased_outputs(graph) -> set[str]:
+def _scaled_biased_outputs(wiring: Wiring) -> set[str]:
     """Outputs of ``(x + b) * s`` with constant ``b`` and ``s`` (``b`` also a layer's bias, as in
     a layer scale after a biased convolution). OpenVINO computes them as ``x * s + b * s``, and
     NNCF then observes ``x * s``: its range is the per-channel range of the output less ``b * s``,
     its channel means the output's less ``b * s``."""
-    constants = {init.name for init in graph.initializer}
-    constants.update(out for node in graph.node if node.op_type == "Constant"
-                     for out in node.output)
-    constants.update(node.output[0] for node in graph.node
+    nodes = wiring.ordered
+    constants = set(wiring.initializers)
+    constants.update(out for node in nodes if node.op_type == "Constant" for out in node.output)
+    constants.update(node.output[0] for node in nodes
                      if node.op_type == "Identity" and node.input[0] in constants)
-    producers = {out: node for node in graph.node for out in node.output}
 
     def adds_a_constant(name: str) -> bool:
-        node = producers.get(name)
+        node = wiring.producers.get(name)
         if node is None:
             return False
         if node.op_type in ("Conv", "Gemm"):
             return len(node.input) > 2 and node.input[2] in constants
         return node.op_type == "Add" and any(operand in constants for operand in node.input)
 
-    return {node.output[0] for node in graph.node if node.op_type == "Mul"
+    return {node.output[0] for node in nodes if node.op_type == "Mul"
             and any(operand in constants for operand in node.input)
             and any(adds_a_constant(operand) for operand in node.input)}
-
-
-def _with_rearrangements(graph, names: set[str]) -> set[str]:
-    """``names`` and the tensors that are rearrangements of them, either way (a backend may drop
-    or move a Reshape or Transpose next to a layer)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    names, pending = set(names), list(names)
-    while pending:
-        name = pending.pop()
-        neighbours = [n.output[0] for n in consumers.get(name, []) if n.op_type in _REARRANGING]
-        producer = producers.get(name)
-        if producer is not None and producer.op_type in _REARRANGING:
-            neighbours.append(producer.input[0])
-        for neighbour in neighbours:
-            if neighbour not in names:
-                names.add(neighbour)
-                pending.append(neighbour)
-    return names
 
 
 def _reductions(name: str, value_range: bool, channel_means: bool,

@@ -6,8 +6,8 @@ A statistic point names a node and a port of the backend's graph; ``onnx_tensor_
 tensor names on the outputs it converted). ``fill_collector`` then hands each of the collector's
 aggregators what its reducer would have given it per image, so NNCF aggregates exactly as after
 its own pass. A point nothing here can answer is left to NNCF's pass: weights (constant; NNCF
-reads them from one image), a reduction over some axes only (per-channel activation ranges),
-a tensor the ONNX does not name.
+reads them from one image), a reduction the pass kept no statistic for, a tensor the ONNX does
+not name.
 """
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrformer_edge.backends.activation_statistics import ActivationStatistics, TensorStatistics
+from lrformer_edge.backends.activation_statistics import (
+    ActivationStatistics,
+    TensorStatistics,
+    Wiring,
+)
 
 
 @dataclass(frozen=True)
@@ -47,35 +51,6 @@ def is_activation_point(target_point) -> bool:
                                  TargetType.POST_LAYER_OPERATION)
 
 
-class _Wiring:
-    """Who produces and who reads each tensor of an ONNX graph."""
-
-    def __init__(self, onnx_graph):
-        self.nodes = {node.name: node for node in onnx_graph.node}
-        self.producers = {out: node for node in onnx_graph.node for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in onnx_graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-
-    def reshape_group(self, name: str) -> set[str]:
-        """``name`` and the tensors joined to it by Reshape-like nodes (the same values in the
-        same memory order)."""
-        group, pending = {name}, [name]
-        while pending:
-            tensor = pending.pop()
-            producer = self.producers.get(tensor)
-            joined = [producer.input[0]] if producer is not None and \
-                producer.op_type in RESHAPING else []
-            joined += [n.output[0] for n in self.consumers.get(tensor, [])
-                       if n.op_type in RESHAPING and n.input[0] == tensor]
-            for other in joined:
-                if other not in group:
-                    group.add(other)
-                    pending.append(other)
-        return group
-
-
 def onnx_tensor_resolver(model, graph, measured: ActivationStatistics, fp32_onnx) -> Resolver:
     """For NNCF's ONNX backend: ``model`` the ``onnx.ModelProto`` NNCF quantizes, constant folded
     from the FP32 ONNX at ``fp32_onnx``; ``graph`` its NNCFGraph (whose input nodes are NNCF's
@@ -86,8 +61,8 @@ def onnx_tensor_resolver(model, graph, measured: ActivationStatistics, fp32_onnx
     import onnx
     from nncf.common.graph.transformations.commands import TargetType
 
-    folded = _Wiring(model.graph)
-    fp32 = _Wiring(onnx.load(str(fp32_onnx), load_external_data=False).graph)
+    folded = Wiring(model.graph)
+    fp32 = Wiring(onnx.load(str(fp32_onnx), load_external_data=False).graph)
 
     def fp32_name(name: str, forward: bool) -> str | None:
         for _ in range(len(folded.nodes)):
@@ -110,7 +85,7 @@ def onnx_tensor_resolver(model, graph, measured: ActivationStatistics, fp32_onnx
         return None
 
     def best_view(name: str, shape: tuple[int, ...]) -> str:
-        views = [v for v in fp32.reshape_group(name) if v in measured]
+        views = [v for v in fp32.joined({name}, RESHAPING) if v in measured]
         exact = [v for v in views if measured[v].shape == shape]
         last = [v for v in views if measured[v].shape[-1:] == shape[-1:]]
         return (exact or last or [name])[0]
