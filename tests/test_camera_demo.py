@@ -114,9 +114,15 @@ def test_mjpeg_server_single_frame_and_page():
 
 
 def test_live_sources_hand_over_the_newest_frame_and_notice_a_lost_camera(clip):
-    with FrameSource(str(clip)) as frames:
-        frames.live = True  # a camera: stale frames are dropped, the end is a lost device
-        time.sleep(0.5)  # the consumer is slow; the reader has long read every frame
+    source = FrameSource(str(clip))
+    # A camera: stale frames are dropped, the end is a lost device. Set before the reader thread
+    # starts, or it may already hold frame 0 as a file source, waiting for it to be taken.
+    source.live = True
+    with source as frames:
+        # The consumer is slow: it asks only once the reader has read every frame and given up.
+        deadline = time.monotonic() + 30
+        while frames.end_reason is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         newest = frames.next(timeout=5)
         assert newest.index == FRAMES - 1
         assert frames.dropped == FRAMES - 1
